@@ -298,21 +298,56 @@ class AnalyzeConfig:
         _require(self.eval_sequences >= 1, f"--analyze.eval-sequences={self.eval_sequences} must be positive")
 
 
+# `evaluate`: benchmarks read from local files, and the TTT modes compared while generating.
+EVALUATE_BENCHMARKS = ("humaneval", "mbpp", "classeval", "gsm8k", "math500", "gpqa_diamond", "livecodebench")
+EVALUATE_GATES = ("skip", "update_1", "recon", "random")
+
+
 @dataclasses.dataclass(frozen=True)
 class EvaluateConfig:
-    """Code and reasoning benchmarks, with TTT during generation."""
+    """Code and reasoning benchmarks, with TTT during generation (greedy by default)."""
 
     benchmark_dir: str | None = None
-    """Directory of benchmark files (HumanEval-style JSONL, GSM8K-style JSONL). None: skip benchmarks."""
+    """Directory of benchmark files: <name>.jsonl (or <name>.json) with the hub data set's fields, e.g.
+    DIR/humaneval.jsonl; optional few-shot examples in <name>.shots.jsonl. None: no benchmark is run."""
+    benchmarks: tuple[str, ...] = ("humaneval", "mbpp", "gsm8k")
+    """Benchmarks to run: humaneval mbpp classeval gsm8k math500 gpqa_diamond livecodebench."""
+    max_problems: int | None = None
+    """Use the first N problems of each benchmark (None: all)."""
     max_new_tokens: int = 128
-    gate: str = "recon"
-    """Gate used during generation."""
+    gates: tuple[str, ...] = ("skip", "update_1", "recon")
+    """TTT modes compared while generating: skip (lambda 0), update_1 (lambda 1 on every chunk), recon (the
+    reconstruction-loss threshold gate at --evaluate.budget), random (updates with probability budget)."""
     budget: float = 0.5
+    """Target update rate of the recon and random gates, in (0, 1]."""
+    batch_size: int = 8
+    """Problems generated together (left-padded)."""
+    shots: int | None = None
+    """Few-shot examples from <name>.shots.jsonl (None: the benchmark's usual count when that file exists:
+    mbpp 3, gsm8k 8, math500 4; 0 otherwise)."""
+    temperature: float = 0.0
+    """0: greedy decoding."""
+    timeout_s: float = 3.0
+    """Sandbox wall-clock limit per program (code benchmarks)."""
 
     def __post_init__(self) -> None:
         _require(self.max_new_tokens >= 1, f"--evaluate.max-new-tokens={self.max_new_tokens} must be positive")
-        _check_methods("--evaluate.gate", (self.gate,), KNOWN_METHODS)
+        _require(len(self.benchmarks) >= 1, "--evaluate.benchmarks needs at least one benchmark, e.g. humaneval")
+        for name in self.benchmarks:
+            _require(name in EVALUATE_BENCHMARKS, f"--evaluate.benchmarks: unknown benchmark {name!r}; known: "
+                                                  f"{', '.join(EVALUATE_BENCHMARKS)}")
+        _require(len(set(self.benchmarks)) == len(self.benchmarks),
+                 f"--evaluate.benchmarks={' '.join(self.benchmarks)} names a benchmark twice")
+        _require(len(self.gates) >= 1, "--evaluate.gates needs at least one gate, e.g. skip update_1 recon")
+        _check_methods("--evaluate.gates", self.gates, EVALUATE_GATES)
         _check_budget("--evaluate.budget", self.budget)
+        if self.max_problems is not None:
+            _require(self.max_problems >= 1, f"--evaluate.max-problems={self.max_problems} must be positive")
+        _require(self.batch_size >= 1, f"--evaluate.batch-size={self.batch_size} must be positive")
+        if self.shots is not None:
+            _require(self.shots >= 0, f"--evaluate.shots={self.shots} must be 0 or more")
+        _require(self.temperature >= 0, f"--evaluate.temperature={self.temperature} must be >= 0 (0: greedy)")
+        _require(self.timeout_s > 0, f"--evaluate.timeout-s={self.timeout_s} must be positive")
 
 
 def _check_compared_gates_are_trained(gate: GateConfig, compare: CompareConfig) -> None:
@@ -469,7 +504,7 @@ def _smoke() -> dict[str, Any]:
         gate=GateConfig(train_steps=20),
         compare=CompareConfig(budgets=(0.5,), eval_sequences=8, n_resamples=100),
         analyze=AnalyzeConfig(eval_sequences=8),
-        evaluate=EvaluateConfig(max_new_tokens=16),
+        evaluate=EvaluateConfig(max_new_tokens=16, max_problems=4, batch_size=4),
     )
 
 
@@ -497,7 +532,7 @@ def _gpu() -> dict[str, Any]:
         gate=GateConfig(train_steps=5000),
         compare=CompareConfig(eval_sequences=512),
         analyze=AnalyzeConfig(eval_sequences=512),
-        evaluate=EvaluateConfig(max_new_tokens=512),
+        evaluate=EvaluateConfig(max_new_tokens=512, batch_size=32),
     )
 
 
