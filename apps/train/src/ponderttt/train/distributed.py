@@ -53,6 +53,38 @@ def replicated(mesh: Any) -> Any:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def on_mesh(tree: Any, mesh: Any) -> Any:
+    """`tree` with every array that is not yet laid out on `mesh` (e.g. an optimizer's step count) replicated on it.
+
+    A training step returns its state on the mesh; giving it an initial state laid out the same way keeps jit
+    from compiling the step a second time on the second call (and lets a multi-process run pass it at all).
+    """
+    import jax
+    from jax.sharding import NamedSharding
+
+    target = replicated(mesh)
+
+    def place(leaf: Any) -> Any:
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+            return leaf
+        return jax.device_put(leaf, target)
+
+    return jax.tree.map(place, tree)
+
+
+def mesh_of(tree: Any) -> Any:
+    """The mesh of the first array in `tree` laid out by a NamedSharding (None when there is none)."""
+    import jax
+    from jax.sharding import NamedSharding
+
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return sharding.mesh
+    return None
+
+
 def process_rows(global_batch_size: int, process_index: int, process_count: int) -> slice:
     """The rows of the global batch that process `process_index` loads (contiguous, equal shares)."""
     if global_batch_size % process_count:

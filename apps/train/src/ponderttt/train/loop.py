@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
+from ponderttt.train import distributed
 from ponderttt.train.checkpoint import Checkpointer
 from ponderttt.train.config import ConfigError, RunConfig
 from ponderttt.train.metrics import MetricsLogger, Progress, read_jsonl
@@ -52,6 +53,9 @@ def train_loop(*, stage: str, run_dir: RunDir, run: RunConfig, state: State, ste
     import jax
 
     is_main = jax.process_index() == 0
+    mesh = distributed.mesh_of(state)
+    if mesh is not None:  # the step returns its state on the mesh: start from the same layout (one compilation)
+        state = distributed.on_mesh(state, mesh)
     checkpointer = Checkpointer(run_dir.checkpoints(stage), keep=run.keep_checkpoints, async_save=async_checkpoints)
     start = 0
     latest = checkpointer.latest_step()
