@@ -1,0 +1,518 @@
+"""The `evaluate` stage: code and reasoning benchmarks, generated with TTT at the head and scored.
+
+For each benchmark x gate the trained run (frozen backbone + trained head adapter) generates a completion per
+problem with `ponderttt.models.generate.generate`: the prompt is the first chunk, then every `chunk_size`
+generated tokens form a chunk; before the fast weights update on a chunk the gate sees the chunk's no-update
+probe loss and returns λ per sequence (λ = 0: the fast weights stay as they are). Gates:
+
+* `skip`: λ = 0 everywhere (the backbone + adapter at its learned initial fast weights, never updated);
+* `update_1`: λ = 1 on every chunk;
+* `recon`: update when the chunk's probe (step-0 reconstruction) loss exceeds a threshold τ. τ starts at the
+  (1 − budget) quantile of the probe losses of the run's *validation split* (SKIP pass, chunks of
+  --data.chunk-size, as `compare` calibrates) and then follows the stream with the gating package's online
+  budget tracker. Causal: a decision reads only its chunk's probe loss and the past decisions; no benchmark
+  text is used to calibrate;
+* `random`: update with probability budget (seeded Bernoulli per sequence and chunk).
+
+The realised update rate counts the decisions of sequences still generating: a sequence that has stopped
+(a stop sequence or end-of-text) and the filler rows of a short last batch get λ = 0 and are not counted.
+
+Benchmarks come from local files in --evaluate.benchmark-dir: `<name>.jsonl` (or `<name>.json`) with the
+hub data set's fields, and optionally `<name>.shots.jsonl` with few-shot examples (MBPP, GSM8K, MATH-500,
+GPQA). Completions are cut at the benchmark's stop strings and graded by `ponderttt.eval.benchmarks`: code in
+the sandbox of `ponderttt.eval.execution` (needs PONDER_TTT_ALLOW_UNSAFE_BENCHMARKS=1), answers by extraction.
+
+Outputs in the run directory (process 0 only): evaluate.json (per benchmark x gate: metric, value, problems,
+update rate, tokens, seconds; the run and the config), evaluate.md (a table) and evaluate_samples.jsonl (every
+graded completion).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ponderttt.train.config import ConfigError, EvaluateConfig, to_dict
+from ponderttt.train.rundir import RunDir
+
+RESULTS_FILE = "evaluate.json"
+REPORT_FILE = "evaluate.md"
+SAMPLES_FILE = "evaluate_samples.jsonl"
+SCHEMA_VERSION = 1
+FILE_SUFFIXES = (".jsonl", ".json")
+SHOTS_SUFFIX = ".shots.jsonl"
+BUDGETED_GATES = ("recon", "random")
+
+
+# ----------------------------------------------------------------------------------------------- benchmarks
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkSpec:
+    """How one benchmark is loaded, prompted, cut and graded."""
+
+    name: str
+    load: Callable[[str, int], list[Any]]  # (path, seed) -> problems
+    grader: str  # "code" (sandbox), "answers" (extraction) or "livecodebench" (sandbox, every test)
+    stops: tuple[str, ...]  # the completion ends at the first of these strings
+    metric: str
+    default_shots: int = 0  # with a <name>.shots.jsonl file; 0: no few-shot format
+
+    @property
+    def runs_code(self) -> bool:
+        return self.grader in ("code", "livecodebench")
+
+
+def _specs() -> dict[str, BenchmarkSpec]:
+    from ponderttt.eval import benchmarks as bm
+
+    return {
+        "humaneval": BenchmarkSpec("humaneval", lambda p, s: bm.load_humaneval(p), "code", bm.HUMANEVAL_STOPS,
+                                   "pass@1"),
+        "mbpp": BenchmarkSpec("mbpp", lambda p, s: bm.load_mbpp(p), "code", bm.MBPP_STOPS, "pass@1", 3),
+        "classeval": BenchmarkSpec("classeval", lambda p, s: bm.load_classeval(p), "code", (), "pass@1"),
+        "gsm8k": BenchmarkSpec("gsm8k", lambda p, s: bm.load_gsm8k(p), "answers", bm.GSM8K_STOPS, "accuracy", 8),
+        # the few-shot format starts every example with "Problem:": a completion ends where the next would begin
+        "math500": BenchmarkSpec("math500", lambda p, s: bm.load_math500(p), "answers", ("\nProblem:",),
+                                 "accuracy", 4),
+        "gpqa_diamond": BenchmarkSpec("gpqa_diamond", lambda p, s: bm.load_gpqa_diamond(p, seed=s), "answers",
+                                      ("\n\nWhat is the correct answer",), "accuracy", 0),
+        "livecodebench": BenchmarkSpec("livecodebench", lambda p, s: bm.load_livecodebench(p), "livecodebench", (),
+                                       "pass@1"),
+    }
+
+
+FEW_SHOT = ("mbpp", "gsm8k", "math500", "gpqa_diamond")  # benchmarks whose prompt takes solved examples
+
+
+def benchmark_file(directory: str | pathlib.Path, name: str) -> pathlib.Path:
+    """DIR/<name>.jsonl or DIR/<name>.json; a ConfigError naming the missing file otherwise."""
+    folder = pathlib.Path(directory)
+    for suffix in FILE_SUFFIXES:
+        path = folder / f"{name}{suffix}"
+        if path.is_file():
+            return path
+    raise ConfigError(f"--evaluate.benchmarks {name}: missing benchmark file {folder / (name + '.jsonl')} (or "
+                      f"{name}.json) in --evaluate.benchmark-dir={directory}; put the data set there as JSON "
+                      "lines with the hub data set's fields, or drop the benchmark")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A benchmark ready to generate: its problems and their prompts (few-shot examples included)."""
+
+    spec: BenchmarkSpec
+    problems: tuple[Any, ...]
+    prompts: tuple[str, ...]
+    shots: int
+    source: str
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def load_task(name: str, directory: str | pathlib.Path, *, max_problems: int | None = None,
+              shots: int | None = None, seed: int = 0) -> Task:
+    """The first `max_problems` problems of benchmark `name` from `directory`, with their prompts."""
+    specs = _specs()
+    if name not in specs:
+        raise ConfigError(f"--evaluate.benchmarks: unknown benchmark {name!r}; known: {', '.join(specs)}")
+    spec = specs[name]
+    path = benchmark_file(directory, name)
+    try:
+        problems = spec.load(str(path), seed)
+    except (KeyError, ValueError) as error:
+        raise ConfigError(f"benchmark file {path} cannot be read as {name}: {error}") from error
+    if not problems:
+        raise ConfigError(f"benchmark file {path} holds no {name} problem")
+    problems = problems[:max_problems] if max_problems is not None else problems
+    examples: list[Any] = []
+    shots_path = pathlib.Path(directory) / f"{name}{SHOTS_SUFFIX}"
+    wanted = spec.default_shots if shots is None else shots
+    if name in FEW_SHOT and wanted > 0:
+        if shots_path.is_file():
+            examples = spec.load(str(shots_path), seed)[:wanted]
+        elif shots is not None:  # asked for explicitly
+            raise ConfigError(f"--evaluate.shots={shots}: missing few-shot file {shots_path} for {name}")
+    prompts = tuple(p.build_prompt(examples) if name in FEW_SHOT else p.build_prompt() for p in problems)
+    return Task(spec, tuple(problems), prompts, len(examples), str(path))
+
+
+def score(task: Task, completions: dict[str, str], *, timeout_s: float = 3.0) -> Any:
+    """Grades one completion per problem (raw generated text; cut at the stop strings here) -> BenchmarkResult."""
+    from ponderttt.eval import benchmarks as bm
+
+    cut = {p.task_id: [bm.truncate_at_stops(completions[p.task_id], task.spec.stops)] for p in task.problems}
+    if task.spec.grader == "code":
+        return bm.evaluate_code(task.name, task.problems, cut, ks=(1,), timeout_s=timeout_s)
+    if task.spec.grader == "livecodebench":
+        return bm.evaluate_livecodebench(task.problems, cut, ks=(1,), timeout_s=timeout_s)
+    return bm.evaluate_answers(task.name, task.problems, cut, ks=(1,))
+
+
+def require_code_consent(names: Sequence[str]) -> None:
+    """A ConfigError before anything is generated when a benchmark would run code without the user's consent."""
+    from ponderttt.eval.execution import ALLOW_ENV_VAR
+
+    specs = _specs()
+    running = [n for n in names if specs[n].runs_code]
+    if running and os.environ.get(ALLOW_ENV_VAR) != "1":
+        raise ConfigError(f"--evaluate.benchmarks {' '.join(running)} run model-written code in a sandbox (not a "
+                          f"security boundary like a VM): set {ALLOW_ENV_VAR}=1 to accept that, preferably in a "
+                          "disposable machine or container, or evaluate only answer-graded benchmarks (gsm8k "
+                          "math500 gpqa_diamond)")
+
+
+# ----------------------------------------------------------------------------------------------- gates
+
+
+class GateRunner:
+    """The gate callback of `generate` for one TTT mode; keeps its state (thresholds, RNG) across batches and
+    counts the decisions of sequences still generating."""
+
+    def __init__(self, method: str, *, budget: float, calibration_signal: np.ndarray | None = None,
+                 seed: int = 0) -> None:
+        from ponderttt.gating import make_gate
+
+        self.method = method
+        self.budget = budget if method in BUDGETED_GATES else None
+        self.gate = None
+        if method == "recon" and budget < 1.0:
+            if calibration_signal is None:
+                raise ValueError("the recon gate needs calibration_signal (validation-split probe losses)")
+            self.gate = make_gate("recon", target_rate=budget, calibration_signal=np.asarray(calibration_signal))
+        elif method == "random" and budget < 1.0:
+            self.gate = make_gate("random", rate=budget)
+        elif method not in ("skip", "update_1", "recon", "random"):
+            raise ValueError(f"unknown generation gate {method!r}")
+        self.state = None if self.gate is None else self.gate.init_state(1)
+        self.seed = seed
+        self.calls = 0
+        self.decisions = 0
+        self.updates = 0
+        self.stops: tuple[tuple[int, ...], ...] = ()
+        self.active = np.zeros(0, bool)
+        self.generated: list[list[int]] = []
+        self.rows: list[dict[str, int]] = []
+
+    @property
+    def update_rate(self) -> float | None:
+        return self.updates / self.decisions if self.decisions else None
+
+    def start_batch(self, real_rows: np.ndarray, stops: tuple[tuple[int, ...], ...]) -> None:
+        """A new batch: `real_rows` [B] False for filler rows; `stops` the token stop sequences (eos included)."""
+        self.active = np.asarray(real_rows, bool).copy()
+        self.stops = stops
+        self.generated = [[] for _ in range(len(self.active))]
+        self.rows = [{"decisions": 0, "updates": 0} for _ in range(len(self.active))]
+
+    def _advance(self, tokens: np.ndarray) -> None:
+        """Follows each row through a generated chunk (as `generate` does) and retires rows that stopped."""
+        for row in np.flatnonzero(self.active):
+            seq = self.generated[row]
+            for token in tokens[row]:
+                seq.append(int(token))
+                if any(len(seq) >= len(s) and tuple(seq[-len(s):]) == s for s in self.stops):
+                    self.active[row] = False
+                    break
+
+    def __call__(self, context: Any) -> np.ndarray:
+        if context.chunk_index >= 0:
+            self._advance(np.asarray(context.tokens))
+        b = len(self.active)
+        lam = np.zeros(b, np.float32)
+        rows = np.flatnonzero(self.active)
+        if rows.size:
+            lam[rows] = self._decide(np.asarray(context.probe_loss, np.float32)[rows])
+        self.decisions += int(rows.size)
+        self.updates += int((lam[rows] > 0).sum())
+        for row in rows:
+            self.rows[row]["decisions"] += 1
+            self.rows[row]["updates"] += int(lam[row] > 0)
+        self.calls += 1
+        return lam
+
+    def _decide(self, signal: np.ndarray) -> np.ndarray:
+        if self.method == "skip":
+            return np.zeros(signal.shape, np.float32)
+        if self.gate is None:  # update_1, or a budget of 1
+            return np.ones(signal.shape, np.float32)
+        import jax
+        import jax.numpy as jnp
+
+        from ponderttt.gating import GateInput
+
+        inputs = GateInput(features=jnp.zeros((signal.size, 1), jnp.float32), signal=jnp.asarray(signal))
+        key = jax.random.fold_in(jax.random.key(self.seed), self.calls)
+        out = self.gate(inputs, self.state, key)
+        self.state = out.state
+        return np.asarray(out.scale, np.float32).reshape(signal.shape)
+
+
+# ----------------------------------------------------------------------------------------------- generation
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """One problem's generation: text (up to the stop / end-of-text), token count, prompt truncation, and the
+    gate's decisions for it."""
+
+    text: str
+    tokens: int
+    prompt_tokens: int
+    truncated: bool
+    decisions: int
+    updates: int
+
+
+def context_length(model: Any) -> int:
+    cfg = model.config
+    return int(getattr(cfg, "n_positions", None) or cfg.max_position_embeddings)
+
+
+def prompt_limit(model: Any, max_new_tokens: int, mini_batch: int) -> int:
+    """Most prompt tokens that fit with `max_new_tokens` in the context, a multiple of the TTT mini-batch."""
+    context = context_length(model)
+    limit = (context - max_new_tokens) // mini_batch * mini_batch
+    if limit < mini_batch:
+        raise ConfigError(f"--evaluate.max-new-tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                          f"context of {context} tokens; lower it below {context - mini_batch}")
+    return limit
+
+
+def padded_length(longest: int, chunk_size: int, limit: int) -> int:
+    """Prompt length of every batch of a benchmark: chunk_size x a power of two covering `longest`, at most
+    `limit` (a few shapes to compile for the whole evaluation; left padding does not change a completion)."""
+    length = chunk_size
+    while length < longest:
+        length *= 2
+    return max(min(length, limit), longest)
+
+
+def stop_token_sequences(tok: Any, stops: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """Token ids of each stop string (early stopping only: completions are cut at the strings themselves)."""
+    sequences = []
+    for stop in stops:
+        ids = tuple(int(t) for t in tok.encode(stop))
+        if ids and ids not in sequences:
+            sequences.append(ids)
+    return tuple(sequences)
+
+
+def generate_completions(model: Any, tok: Any, prompts: Sequence[str], runner: GateRunner, *, chunk_size: int,
+                         max_new_tokens: int, stops: Sequence[str] = (), batch_size: int = 8,
+                         temperature: float = 0.0, seed: int = 0, progress: Any = None) -> list[Completion]:
+    """One completion per prompt, generated in left-padded batches with TTT at the head gated by `runner`.
+
+    Prompts longer than fits the context keep their last tokens. Every batch is left-padded to one length
+    (`padded_length`: few compiled shapes; a multiple of the mini-batch, so a prompt's TTT mini-batches end
+    where it ends whatever the padding), and a short last batch is filled with copies of its first prompt
+    that are neither counted nor returned."""
+    from ponderttt.models.generate import GenerationConfig, generate
+
+    mini_batch = model.ttt_config.mini_batch_size
+    limit = prompt_limit(model, max_new_tokens, mini_batch)
+    token_stops = stop_token_sequences(tok, stops)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, stop_sequences=token_stops,
+                              eos_token_id=tok.eod_id, pad_token_id=tok.pad_id, seed=seed)
+    encoded = tok.encode_batch(list(prompts))
+    length = padded_length(max(min(len(e), limit) for e in encoded), chunk_size, limit)
+    out: list[Completion] = []
+    for start in range(0, len(prompts), batch_size):
+        ids = [e[-limit:] for e in encoded[start:start + batch_size]]
+        truncated = [len(e) > limit for e in encoded[start:start + batch_size]]
+        real = len(ids)
+        rows = batch_size if len(prompts) > batch_size else real
+        ids = ids + [ids[0]] * (rows - real)
+        batch = np.full((rows, length), tok.pad_id, np.int32)
+        mask = np.zeros((rows, length), np.int32)
+        for row, x in enumerate(ids):
+            batch[row, length - len(x):] = x
+            mask[row, length - len(x):] = 1
+        runner.start_batch(np.arange(rows) < real, config.stops)
+        result = generate(model, batch, mask, dataclasses.replace(config, seed=seed + start), gate=runner,
+                          ttt_chunk_size=chunk_size)
+        for row in range(real):
+            generated = [int(t) for t in result.tokens[row, :result.lengths[row]]]
+            if tok.eod_id in generated:
+                generated = generated[:generated.index(tok.eod_id)]
+            out.append(Completion(text=tok.decode(generated), tokens=int(result.lengths[row]),
+                                  prompt_tokens=len(ids[row]), truncated=truncated[row],
+                                  decisions=runner.rows[row]["decisions"], updates=runner.rows[row]["updates"]))
+        if progress is not None:
+            progress.update(real)
+            progress.set_postfix(update_rate=f"{runner.update_rate or 0.0:.2f}")
+    return out
+
+
+def calibration_signal(config: Any, tok: Any, model: Any, mesh: Any) -> np.ndarray:
+    """Probe (step-0 reconstruction) losses of the validation split's chunks under SKIP, as `compare` uses."""
+    from ponderttt.train import corpus, heldout
+    from ponderttt.train.backbone import EVAL_BATCHES
+
+    batches = corpus.fixed_batches(config.data, tok, "val", EVAL_BATCHES)
+    language = "python" if config.data.corpus == "stdlib" else "code"
+    held, _ = heldout.evaluate_held_out(model, batches, data=config.data, mesh=mesh, language=language,
+                                        skip_only=True)
+    return np.asarray(held.signal, np.float64).reshape(-1)
+
+
+# ----------------------------------------------------------------------------------------------- the stage
+
+
+def evaluate_task(model: Any, tok: Any, task: Task, runner: GateRunner, *, evaluate: EvaluateConfig,
+                  chunk_size: int, seed: int = 0, progress: bool = False) -> tuple[dict[str, Any], list[dict]]:
+    """Generates and grades one benchmark under one gate: (its record, one sample dict per problem)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(task.prompts), desc=f"evaluate {task.name} / {runner.method}", unit="problem",
+               disable=not progress, leave=False)
+    started = time.perf_counter()
+    try:
+        completions = generate_completions(model, tok, task.prompts, runner, chunk_size=chunk_size,
+                                           max_new_tokens=evaluate.max_new_tokens, stops=task.spec.stops,
+                                           batch_size=evaluate.batch_size, temperature=evaluate.temperature,
+                                           seed=seed, progress=bar)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    result = score(task, {p.task_id: c.text for p, c in zip(task.problems, completions, strict=True)},
+                   timeout_s=evaluate.timeout_s)
+    score_seconds = time.perf_counter() - started
+    tokens = sum(c.tokens for c in completions)
+    passed = sum(p.num_correct for p in result.problems)
+    record = {
+        "benchmark": task.name, "gate": runner.method, "budget": runner.budget, "metric": task.spec.metric,
+        "value": float(result.pass_at_k[1]), "n_problems": len(task.problems), "n_passed": int(passed),
+        "update_rate": runner.update_rate, "decisions": runner.decisions, "updates": runner.updates,
+        "generated_tokens": int(tokens), "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else None,
+        "score_seconds": score_seconds, "shots": task.shots,
+        "prompts_truncated": int(sum(c.truncated for c in completions)),
+        "extra": {k: float(v) for k, v in result.extra.items()},
+    }
+    samples = []
+    for problem, completion, graded in zip(task.problems, completions, result.problems, strict=True):
+        sample = graded.samples[0]
+        samples.append({"benchmark": task.name, "gate": runner.method, "task_id": problem.task_id,
+                        "completion": completion.text, "passed": bool(sample.passed), "status": sample.status,
+                        "reason": sample.reason, "generated_tokens": completion.tokens,
+                        "prompt_tokens": completion.prompt_tokens, "prompt_truncated": completion.truncated,
+                        "decisions": completion.decisions, "updates": completion.updates})
+    return record, samples
+
+
+def run_evaluate(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, *,
+                 calibration: np.ndarray | None = None) -> dict[str, Any]:
+    """Evaluates the run's model (adapter loaded) on every configured benchmark x gate; writes evaluate.json,
+    evaluate.md and evaluate_samples.jsonl into the run directory (process 0) and returns the summary.
+
+    `calibration`: the recon gate's calibration signal; default: the validation split's probe losses."""
+    import jax
+
+    ev: EvaluateConfig = config.evaluate
+    if ev.benchmark_dir is None:
+        raise ConfigError("`evaluate` needs --evaluate.benchmark-dir DIR with <benchmark>.jsonl files (e.g. "
+                          "DIR/humaneval.jsonl, DIR/gsm8k.jsonl)")
+    if not pathlib.Path(ev.benchmark_dir).is_dir():
+        raise ConfigError(f"--evaluate.benchmark-dir={ev.benchmark_dir}: missing directory")
+    for name in ev.benchmarks:  # every file before any generation
+        benchmark_file(ev.benchmark_dir, name)
+    require_code_consent(ev.benchmarks)
+    tasks = [load_task(name, ev.benchmark_dir, max_problems=ev.max_problems, shots=ev.shots, seed=config.run.seed)
+             for name in ev.benchmarks]
+    chunk_size = config.data.chunk_size
+    if "recon" in ev.gates and ev.budget < 1.0 and calibration is None:
+        calibration = calibration_signal(config, tok, model, mesh)
+    progress = config.run.progress and jax.process_index() == 0
+    records, samples = [], []
+    with jax.set_mesh(mesh):
+        for task in tasks:
+            for method in ev.gates:
+                runner = GateRunner(method, budget=ev.budget, calibration_signal=calibration, seed=config.run.seed)
+                record, task_samples = evaluate_task(model, tok, task, runner, evaluate=ev, chunk_size=chunk_size,
+                                                     seed=config.run.seed, progress=progress)
+                records.append(record)
+                samples.extend(task_samples)
+                _say(f"evaluate {task.name} / {method}: {record['metric']} {record['value']:.3f} on "
+                     f"{record['n_problems']} problems, update rate {_rate(record['update_rate'])}, "
+                     f"{record['generated_tokens']} tokens in {record['seconds']:.1f} s")
+    summary = {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "run": {"name": run_dir.name, "backbone": config.backbone.path or "in-house GPT-2",
+                "adapter": config.adapter.kind, "seed": config.run.seed},
+        "config": to_dict(ev),
+        "generation": {"chunk_size": chunk_size, "mini_batch_size": model.ttt_config.mini_batch_size,
+                       "context": context_length(model),
+                       "max_prompt_tokens": prompt_limit(model, ev.max_new_tokens, model.ttt_config.mini_batch_size),
+                       "decoding": "greedy" if ev.temperature == 0 else f"temperature {ev.temperature}",
+                       "prompt_chunk": "the whole prompt is the first chunk"},
+        "calibration": None if calibration is None else {
+            "source": "validation split, SKIP pass probe losses (chunks of --data.chunk-size)",
+            "n_chunks": int(np.size(calibration)), "budget": ev.budget,
+            "initial_threshold": float(np.quantile(np.asarray(calibration, np.float64), 1.0 - ev.budget))},
+        "benchmarks": {t.name: {"file": t.source, "n_problems": len(t.problems), "shots": t.shots} for t in tasks},
+        "results": records,
+    }
+    if jax.process_index() == 0:
+        write_outputs(run_dir.root, summary, samples)
+        _say(f"evaluate: wrote {run_dir.root / RESULTS_FILE}, {run_dir.root / REPORT_FILE} and "
+             f"{run_dir.root / SAMPLES_FILE}")
+    return summary
+
+
+def _rate(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:.3f}"
+
+
+def _say(message: str) -> None:
+    import jax
+
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def render_markdown(summary: dict[str, Any]) -> str:
+    """evaluate.md: one row per benchmark x gate."""
+    run, ev = summary["run"], summary["config"]
+    lines = [f"# Benchmarks with TTT during generation: {run['name']}", "",
+             f"Backbone {run['backbone']}, adapter {run['adapter']}, seed {run['seed']}; "
+             f"{summary['generation']['decoding']} decoding, at most {ev['max_new_tokens']} new tokens, "
+             f"chunks of {summary['generation']['chunk_size']} tokens (the prompt is the first chunk); "
+             f"budget {ev['budget']} for recon / random.", ""]
+    if summary.get("calibration"):
+        cal = summary["calibration"]
+        lines += [f"recon threshold: starts at {cal['initial_threshold']:.4f}, the (1 - budget) quantile of "
+                  f"{cal['n_chunks']} {cal['source']}; then tracks the budget online.", ""]
+    lines += ["| Benchmark | Gate | Metric | Value | Passed / n | Update rate | Tokens | Tokens/s | Seconds |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in summary["results"]:
+        speed = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f}"
+        lines.append(f"| {r['benchmark']} | {r['gate']} | {r['metric']} | {r['value']:.3f} | "
+                     f"{r['n_passed']} / {r['n_problems']} | {_rate(r['update_rate'])} | {r['generated_tokens']} | "
+                     f"{speed} | {r['seconds']:.1f} |")
+    truncated = [r for r in summary["results"] if r["prompts_truncated"]]
+    if truncated:
+        lines += ["", "Prompts cut to their last "
+                  f"{summary['generation']['max_prompt_tokens']} tokens to fit the context: "
+                  + ", ".join(f"{r['benchmark']} / {r['gate']} {r['prompts_truncated']}" for r in truncated) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(root: pathlib.Path, summary: dict[str, Any], samples: list[dict]) -> dict[str, pathlib.Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    paths = {"results": root / RESULTS_FILE, "report": root / REPORT_FILE, "samples": root / SAMPLES_FILE}
+    paths["results"].write_text(json.dumps(summary, indent=2) + "\n")
+    paths["report"].write_text(render_markdown(summary))
+    paths["samples"].write_text("".join(json.dumps(s) + "\n" for s in samples))
+    return paths
