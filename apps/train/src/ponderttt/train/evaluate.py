@@ -435,17 +435,16 @@ def run_evaluate(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, 
         calibration = calibration_signal(config, tok, model, mesh)
     progress = config.run.progress and jax.process_index() == 0
     records, samples = [], []
-    with jax.set_mesh(mesh):
-        for task in tasks:
-            for method in ev.gates:
-                runner = GateRunner(method, budget=ev.budget, calibration_signal=calibration, seed=config.run.seed)
-                record, task_samples = evaluate_task(model, tok, task, runner, evaluate=ev, chunk_size=chunk_size,
-                                                     seed=config.run.seed, progress=progress)
-                records.append(record)
-                samples.extend(task_samples)
-                _say(f"evaluate {task.name} / {method}: {record['metric']} {record['value']:.3f} on "
-                     f"{record['n_problems']} problems, update rate {_rate(record['update_rate'])}, "
-                     f"{record['generated_tokens']} tokens in {record['seconds']:.1f} s")
+    for task in tasks:  # the model's parameters carry their shardings; `generate` needs no mesh context
+        for method in ev.gates:
+            runner = GateRunner(method, budget=ev.budget, calibration_signal=calibration, seed=config.run.seed)
+            record, task_samples = evaluate_task(model, tok, task, runner, evaluate=ev, chunk_size=chunk_size,
+                                                 seed=config.run.seed, progress=progress)
+            records.append(record)
+            samples.extend(task_samples)
+            _say(f"evaluate {task.name} / {method}: {record['metric']} {record['value']:.3f} on "
+                 f"{record['n_problems']} problems, update rate {_rate(record['update_rate'])}, "
+                 f"{record['generated_tokens']} tokens in {record['seconds']:.1f} s")
     summary = {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
