@@ -209,6 +209,10 @@ def test_recon_gate_tracks_its_budget(tiny, bench_dir):
     # the online tracker holds the realised rate near the budget (tolerance: 0.15 on this many decisions)
     assert abs(runner.update_rate - 0.5) <= 0.15, runner.update_rate
     assert runner.updates == sum(c.updates for c in completions)
+    # random: seeded Bernoulli(budget) per live sequence and chunk, within 3 standard deviations of the budget
+    runner = GateRunner("random", budget=0.25, seed=0)
+    generate_completions(model, tok, prompts, runner, chunk_size=DATA.chunk_size, max_new_tokens=24, batch_size=2)
+    assert abs(runner.update_rate - 0.25) <= 3 * (0.25 * 0.75 / runner.decisions) ** 0.5, runner.update_rate
 
 
 # ------------------------------------------------------------------------------------------------- the stage
