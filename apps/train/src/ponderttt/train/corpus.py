@@ -1,7 +1,9 @@
 """The corpus side of every stage: sources per split, the cached BPE tokenizer, per-process batch pipelines.
 
 Thin glue over `ponderttt.data`: `DataConfig` → its SplitConfig / BPEConfig / PipelineConfig. Each process
-reads a disjoint shard of the files and yields its rows of the global batch.
+yields its rows of the global batch, and the global batches are the same whatever the number of processes:
+row r of a training batch comes from its own stream over files r::batch_size (so a host reads only the files
+of its rows); a held-out pass is small and read in full by every process.
 """
 
 from __future__ import annotations
@@ -69,29 +71,81 @@ def tokenizer(data: DataConfig, output_dir: str | pathlib.Path) -> Any:
                                cache_dir=pathlib.Path(output_dir) / CACHE_DIR)
 
 
-def pipeline_config(data: DataConfig, *, seed: int, process_index: int, process_count: int, forever: bool,
-                    shuffle: bool) -> Any:
-    """This process's pipeline settings: its shard of the files and its rows of the global batch."""
+def pipeline_config(data: DataConfig, *, seed: int, forever: bool, shuffle: bool, batch_size: int,
+                    shard_index: int = 0, shard_count: int = 1) -> Any:
+    """Pipeline settings of one stream: files `shard_index::shard_count` of the split, batches of `batch_size`."""
     from ponderttt.data import PackingConfig, PipelineConfig
 
-    if data.batch_size % process_count:
-        raise ConfigError(f"--data.batch-size={data.batch_size} is not divisible by the {process_count} processes")
     return PipelineConfig(packing=PackingConfig(seq_len=data.seq_len, chunk_size=data.chunk_size),
-                          batch_size=data.batch_size // process_count, seed=seed, shuffle=shuffle,
-                          num_epochs=None if forever else 1, shard_index=process_index, shard_count=process_count)
+                          batch_size=batch_size, seed=seed, shuffle=shuffle, num_epochs=None if forever else 1,
+                          shard_index=shard_index, shard_count=shard_count)
+
+
+class RowStreams:
+    """This process's rows of the global training batch, row r read from its own stream of files r::batch_size.
+
+    Row r of every global batch depends only on (files, seed, r), never on how many processes share the batch:
+    1 process reading all rows and N processes reading theirs (`distributed.process_rows`) see the same global
+    batches, and each host reads only the files of its rows. Iterator state: one Grain state per row.
+    """
+
+    def __init__(self, data: DataConfig, tok: Any, split: str, *, seed: int, rows: slice) -> None:
+        from ponderttt.data import build_pipeline
+
+        files = source(data, split)
+        if len(files) < data.batch_size:
+            raise ConfigError(f"--data.batch-size={data.batch_size}: each row of the global batch reads its own "
+                              f"share of the {split} files, but the split has only {len(files)}; lower "
+                              "--data.batch-size or raise --data.max-files")
+        self._streams = [iter(build_pipeline(files, tok, pipeline_config(
+            data, seed=seed, forever=True, shuffle=True, batch_size=1, shard_index=row,
+            shard_count=data.batch_size))) for row in range(rows.start, rows.stop)]
+
+    def __iter__(self) -> RowStreams:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        import numpy as np
+
+        parts = [next(stream) for stream in self._streams]
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"rows": [stream.get_state() for stream in self._streams]}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if len(state["rows"]) != len(self._streams):
+            raise ConfigError(f"the data iterator state holds {len(state['rows'])} rows, this process reads "
+                              f"{len(self._streams)}: resume with the same --data.batch-size and process count")
+        for stream, row_state in zip(self._streams, state["rows"], strict=True):
+            stream.set_state(row_state)
 
 
 def batches(data: DataConfig, tok: Any, split: str, *, seed: int, forever: bool, shuffle: bool | None = None
             ) -> Any:
-    """A Grain IterDataset of this process's batches: dicts of [rows, seq_len] arrays (input_ids, targets,
-    loss_mask, doc_ids, doc_start). Training streams shuffle and repeat; held-out streams are read once
-    (shuffled by file with `seed` when `shuffle`, so a few batches span many files)."""
+    """This process's batches: dicts of [rows, seq_len] arrays (input_ids, targets, loss_mask, doc_ids,
+    doc_start), its rows of the global batch. Training streams (`forever`) shuffle and repeat, one stream per
+    row (`RowStreams`); held-out streams are read once, in full by every process (they are small), each keeping
+    its rows (shuffled by file with `seed` when `shuffle`, so a few batches span many files). Either way the
+    global batches do not depend on the process count."""
     import jax
 
+    from ponderttt.train.distributed import process_rows
+
+    rows = process_rows(data.batch_size, jax.process_index(), jax.process_count())
+    if forever:
+        return RowStreams(data, tok, split, seed=seed, rows=rows)
+    return (
+        {key: value[rows] for key, value in batch.items()}
+        for batch in global_batches(data, tok, split, seed=seed, shuffle=bool(shuffle))
+    )
+
+
+def global_batches(data: DataConfig, tok: Any, split: str, *, seed: int, shuffle: bool) -> Any:
+    """A Grain IterDataset of the whole global batches of one pass over `split`."""
     from ponderttt.data import build_pipeline
 
-    config = pipeline_config(data, seed=seed, process_index=jax.process_index(), process_count=jax.process_count(),
-                             forever=forever, shuffle=forever if shuffle is None else shuffle)
+    config = pipeline_config(data, seed=seed, forever=False, shuffle=shuffle, batch_size=data.batch_size)
     return build_pipeline(source(data, split), tok, config)
 
 

@@ -29,9 +29,23 @@ METRICS_FILE = "metrics.jsonl"
 CACHE_DIR = "cache"
 
 
+# Fields of a command config that do not change what a run computes: `config_hash` leaves them out, so the
+# `--resume` of a run, every process of a multi-process run, and a run without progress bars hash alike.
+NOT_HASHED = {"run": ("output_dir", "name", "resume", "progress"), "platform": ("process_id", "coordinator_address")}
+
+
+def _hashed(config: Any) -> Any:
+    record = to_dict(config)
+    for section, names in NOT_HASHED.items():
+        if isinstance(record.get(section), dict):
+            record[section] = {k: v for k, v in record[section].items() if k not in names}
+    return record
+
+
 def config_hash(*configs: Any) -> str:
-    """A short stable hash of dataclass configs (or JSON-ready values), for cache keys."""
-    payload = [to_dict(c) if dataclasses.is_dataclass(c) else c for c in configs]
+    """A short stable hash of dataclass configs (or JSON-ready values), for cache keys and the `--resume` check;
+    the `NOT_HASHED` fields of a command config's sections are left out."""
+    payload = [_hashed(c) if dataclasses.is_dataclass(c) else c for c in configs]
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
