@@ -242,6 +242,12 @@ def test_run_evaluate_writes_json_and_markdown(tiny, bench_dir, tmp_path, monkey
         assert r["budget"] == (0.5 if r["gate"] == "recon" else None)
         assert r["update_rate"] == {"skip": 0.0, "update_1": 1.0}.get(r["gate"], r["update_rate"])
         assert 0.0 <= r["update_rate"] <= 1.0 and r["decisions"] >= r["n_problems"]
+        assert r["ci"][0] <= r["value"] <= r["ci"][1]
+    by = {(r["benchmark"], r["gate"]): r for r in results}
+    for (benchmark, gate), r in by.items():  # every gate is paired with skip on the same problems
+        if gate != "skip":
+            skip = by[(benchmark, "skip")]["value"]
+            assert r["vs_skip"]["difference"] == pytest.approx(r["value"] - skip)
     assert written["calibration"]["n_chunks"] == 64
     assert written["calibration"]["initial_threshold"] == pytest.approx(1.0)
     assert written["config"]["gates"] == ["skip", "update_1", "recon"]

@@ -50,6 +50,7 @@ SCHEMA_VERSION = 1
 FILE_SUFFIXES = (".jsonl", ".json")
 SHOTS_SUFFIX = ".shots.jsonl"
 BUDGETED_GATES = ("recon", "random")
+N_RESAMPLES = 1000  # bootstrap resamples of the CIs over problems
 
 
 # ----------------------------------------------------------------------------------------------- benchmarks
@@ -310,13 +311,14 @@ def stop_token_sequences(tok: Any, stops: Sequence[str]) -> tuple[tuple[int, ...
 
 def generate_completions(model: Any, tok: Any, prompts: Sequence[str], runner: GateRunner, *, chunk_size: int,
                          max_new_tokens: int, stops: Sequence[str] = (), batch_size: int = 8,
-                         temperature: float = 0.0, seed: int = 0, progress: Any = None) -> list[Completion]:
+                         temperature: float = 0.0, seed: int = 0, progress: Any = None,
+                         timings: list[tuple[float, int]] | None = None) -> list[Completion]:
     """One completion per prompt, generated in left-padded batches with TTT at the head gated by `runner`.
 
     Prompts longer than fits the context keep their last tokens. Every batch is left-padded to one length
     (`padded_length`: few compiled shapes; a multiple of the mini-batch, so a prompt's TTT mini-batches end
     where it ends whatever the padding), and a short last batch is filled with copies of its first prompt
-    that are neither counted nor returned."""
+    that are neither counted nor returned. `timings` receives (seconds, generated tokens) per batch."""
     from ponderttt.models.generate import GenerationConfig, generate
 
     mini_batch = model.ttt_config.mini_batch_size
@@ -339,6 +341,7 @@ def generate_completions(model: Any, tok: Any, prompts: Sequence[str], runner: G
             batch[row, length - len(x):] = x
             mask[row, length - len(x):] = 1
         runner.start_batch(np.arange(rows) < real, config.stops)
+        started = time.perf_counter()
         result = generate(model, batch, mask, dataclasses.replace(config, seed=seed + start), gate=runner,
                           ttt_chunk_size=chunk_size)
         for row in range(real):
@@ -348,6 +351,8 @@ def generate_completions(model: Any, tok: Any, prompts: Sequence[str], runner: G
             out.append(Completion(text=tok.decode(generated), tokens=int(result.lengths[row]),
                                   prompt_tokens=len(ids[row]), truncated=truncated[row],
                                   decisions=runner.rows[row]["decisions"], updates=runner.rows[row]["updates"]))
+        if timings is not None:
+            timings.append((time.perf_counter() - started, int(result.lengths[:real].sum())))
         if progress is not None:
             progress.update(real)
             progress.set_postfix(update_rate=f"{runner.update_rate or 0.0:.2f}")
@@ -369,33 +374,56 @@ def calibration_signal(config: Any, tok: Any, model: Any, mesh: Any) -> np.ndarr
 # ----------------------------------------------------------------------------------------------- the stage
 
 
+def mean_ci(values: np.ndarray, *, n_resamples: int, seed: int) -> Any:
+    from ponderttt.eval.stats import mean_ci as bootstrap_mean_ci
+
+    return bootstrap_mean_ci(values, n_resamples=n_resamples, seed=seed)
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, *, n_resamples: int, seed: int) -> dict[str, Any]:
+    """Mean per-problem difference a − b with its paired bootstrap CI (the same problems under two gates)."""
+    from ponderttt.eval.stats import paired_difference_ci
+
+    estimate = paired_difference_ci(a, b, n_resamples=n_resamples, seed=seed)
+    return {"difference": estimate.value, "ci": [estimate.low, estimate.high], "ci_method": estimate.method}
+
+
 def evaluate_task(model: Any, tok: Any, task: Task, runner: GateRunner, *, evaluate: EvaluateConfig,
-                  chunk_size: int, seed: int = 0, progress: bool = False) -> tuple[dict[str, Any], list[dict]]:
-    """Generates and grades one benchmark under one gate: (its record, one sample dict per problem)."""
+                  chunk_size: int, seed: int = 0, progress: bool = False, n_resamples: int = N_RESAMPLES
+                  ) -> tuple[dict[str, Any], list[dict]]:
+    """Generates and grades one benchmark under one gate: (its record, one sample dict per problem).
+
+    The record's `value` is the mean pass rate over problems (one greedy sample each: pass@1 / accuracy) with a
+    95% bootstrap CI over problems; `tokens_per_s` leaves out the first batch (compilation)."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(task.prompts), desc=f"evaluate {task.name} / {runner.method}", unit="problem",
                disable=not progress, leave=False)
     started = time.perf_counter()
+    timings: list[tuple[float, int]] = []
     try:
         completions = generate_completions(model, tok, task.prompts, runner, chunk_size=chunk_size,
                                            max_new_tokens=evaluate.max_new_tokens, stops=task.spec.stops,
                                            batch_size=evaluate.batch_size, temperature=evaluate.temperature,
-                                           seed=seed, progress=bar)
+                                           seed=seed, progress=bar, timings=timings)
     finally:
         bar.close()
     seconds = time.perf_counter() - started
+    later = timings[1:]  # the first batch of a benchmark may include compilation
+    steady = sum(t for _, t in later) / sum(s for s, _ in later) if later and sum(s for s, _ in later) else None
     started = time.perf_counter()
     result = score(task, {p.task_id: c.text for p, c in zip(task.problems, completions, strict=True)},
                    timeout_s=evaluate.timeout_s)
     score_seconds = time.perf_counter() - started
     tokens = sum(c.tokens for c in completions)
-    passed = sum(p.num_correct for p in result.problems)
+    passed = np.asarray([p.num_correct for p in result.problems], np.float64)  # one greedy sample per problem
+    ci = mean_ci(passed, n_resamples=n_resamples, seed=seed)
     record = {
         "benchmark": task.name, "gate": runner.method, "budget": runner.budget, "metric": task.spec.metric,
-        "value": float(result.pass_at_k[1]), "n_problems": len(task.problems), "n_passed": int(passed),
+        "value": float(result.pass_at_k[1]), "ci": [ci.low, ci.high], "ci_method": ci.method,
+        "n_problems": len(task.problems), "n_passed": int(passed.sum()),
         "update_rate": runner.update_rate, "decisions": runner.decisions, "updates": runner.updates,
-        "generated_tokens": int(tokens), "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else None,
+        "generated_tokens": int(tokens), "seconds": seconds, "tokens_per_s": steady,
         "score_seconds": score_seconds, "shots": task.shots,
         "prompts_truncated": int(sum(c.truncated for c in completions)),
         "extra": {k: float(v) for k, v in result.extra.items()},
@@ -436,10 +464,15 @@ def run_evaluate(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, 
     progress = config.run.progress and jax.process_index() == 0
     records, samples = [], []
     for task in tasks:  # the model's parameters carry their shardings; `generate` needs no mesh context
-        for method in ev.gates:
+        passed: dict[str, np.ndarray] = {}
+        for method in sorted(ev.gates, key=lambda g: g != "skip"):  # skip first: the others are paired with it
             runner = GateRunner(method, budget=ev.budget, calibration_signal=calibration, seed=config.run.seed)
             record, task_samples = evaluate_task(model, tok, task, runner, evaluate=ev, chunk_size=chunk_size,
                                                  seed=config.run.seed, progress=progress)
+            passed[method] = np.asarray([sample["passed"] for sample in task_samples], np.float64)
+            if method != "skip" and "skip" in passed:
+                record["vs_skip"] = paired_difference(passed[method], passed["skip"], n_resamples=N_RESAMPLES,
+                                                      seed=config.run.seed)
             records.append(record)
             samples.extend(task_samples)
             _say(f"evaluate {task.name} / {method}: {record['metric']} {record['value']:.3f} on "
@@ -457,7 +490,7 @@ def run_evaluate(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, 
                        "decoding": "greedy" if ev.temperature == 0 else f"temperature {ev.temperature}",
                        "prompt_chunk": "the whole prompt is the first chunk"},
         "calibration": None if calibration is None else {
-            "source": "validation split, SKIP pass probe losses (chunks of --data.chunk-size)",
+            "source": "validation split: probe losses of the SKIP pass", "chunk_size": chunk_size,
             "n_chunks": int(np.size(calibration)), "budget": ev.budget,
             "initial_threshold": float(np.quantile(np.asarray(calibration, np.float64), 1.0 - ev.budget))},
         "benchmarks": {t.name: {"file": t.source, "n_problems": len(t.problems), "shots": t.shots} for t in tasks},
@@ -491,15 +524,24 @@ def render_markdown(summary: dict[str, Any]) -> str:
              f"budget {ev['budget']} for recon / random.", ""]
     if summary.get("calibration"):
         cal = summary["calibration"]
-        lines += [f"recon threshold: starts at {cal['initial_threshold']:.4f}, the (1 - budget) quantile of "
-                  f"{cal['n_chunks']} {cal['source']}; then tracks the budget online.", ""]
-    lines += ["| Benchmark | Gate | Metric | Value | Passed / n | Update rate | Tokens | Tokens/s | Seconds |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"recon threshold: starts at {cal['initial_threshold']:.4f}, the (1 - budget) quantile of the probe "
+                  f"losses of {cal['n_chunks']} validation chunks (SKIP pass, {cal['chunk_size']} tokens each); "
+                  "then an online tracker holds the realised rate near the budget.", ""]
+    lines += ["Value: pass@1 (code) or accuracy (answers), one greedy sample per problem, with a 95% bootstrap CI "
+              "over problems; Δ vs skip: the paired difference on the same problems. Tokens/s leaves out each "
+              "benchmark's first batch (compilation); seconds include it.", "",
+              "| Benchmark | Gate | Metric | Value [95% CI] | Δ vs skip [95% CI] | Passed / n | Update rate | Tokens "
+              "| Tokens/s | Seconds |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in summary["results"]:
         speed = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f}"
-        lines.append(f"| {r['benchmark']} | {r['gate']} | {r['metric']} | {r['value']:.3f} | "
-                     f"{r['n_passed']} / {r['n_problems']} | {_rate(r['update_rate'])} | {r['generated_tokens']} | "
-                     f"{speed} | {r['seconds']:.1f} |")
+        delta = "-"
+        if r.get("vs_skip"):
+            d = r["vs_skip"]
+            delta = f"{d['difference']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+        lines.append(f"| {r['benchmark']} | {r['gate']} | {r['metric']} | {r['value']:.3f} [{r['ci'][0]:.3f}, "
+                     f"{r['ci'][1]:.3f}] | {delta} | {r['n_passed']} / {r['n_problems']} | "
+                     f"{_rate(r['update_rate'])} | {r['generated_tokens']} | {speed} | {r['seconds']:.1f} |")
     truncated = [r for r in summary["results"] if r["prompts_truncated"]]
     if truncated:
         lines += ["", "Prompts cut to their last "
