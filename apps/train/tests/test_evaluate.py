@@ -141,6 +141,38 @@ def test_scoring_canonical_solutions_pass_and_wrong_ones_fail(bench_dir, monkeyp
 # ------------------------------------------------------------------------------------------------- generation
 
 
+def context(index, tokens, probe):
+    from ponderttt.models.generate import GateContext
+
+    return GateContext(index, np.asarray(tokens), None, np.asarray(probe, np.float32), None)
+
+
+def test_gate_runner_counts_live_sequences_only():
+    """Filler rows and rows past a stop (a stop token, or a stop string spanning tokens) get λ = 0, uncounted."""
+    from ponderttt.train.evaluate import GateRunner
+
+    alphabet = ["a", "\n", "d", "e", "f", "<eos>"]
+    runner = GateRunner("update_1", budget=1.0)
+    decode = lambda ids: "".join(alphabet[i] for i in ids)
+    runner.start_batch(np.array([True, True, False]), ((5,),), ("\ndef",), decode)
+    assert runner(context(-1, [[0], [0], [0]], [1, 1, 1])).tolist() == [1, 1, 0]  # the prompt chunk
+    assert runner(context(0, [[0, 1, 2, 3], [0, 5, 0, 0], [0] * 4], [1, 1, 1])).tolist() == [1, 0, 0]
+    assert runner(context(1, [[4, 0, 0, 0], [0] * 4, [0] * 4], [1, 1, 1])).tolist() == [0, 0, 0]  # "a\nde" + "f"
+    assert (runner.decisions, runner.updates, runner.update_rate) == (3, 3, 1.0)
+    assert [r["live_tokens"] for r in runner.rows] == [5, 2, 0] and [r["decisions"] for r in runner.rows] == [2, 1, 0]
+
+
+def test_recon_runner_updates_above_the_calibrated_threshold():
+    from ponderttt.train.evaluate import GateRunner
+
+    runner = GateRunner("recon", budget=0.5, calibration_signal=np.array([0.0, 1.0, 2.0, 3.0]))
+    runner.start_batch(np.array([True, True, True]), ())
+    assert runner(context(-1, [[0]] * 3, [0.5, 2.5, 1.4])).tolist() == [0, 1, 0]  # τ starts at the median 1.5
+    assert runner.update_rate == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="calibration_signal"):
+        GateRunner("recon", budget=0.5)
+
+
 def greedy_without_updates(model, ids, steps):
     """Greedy decoding by full forward passes with λ = 0 (the adapter keeps its initial fast weights)."""
     import jax.numpy as jnp
@@ -173,8 +205,9 @@ def test_gates_during_generation(tiny, bench_dir):
     assert skip[0].update_rate == 0.0 and update[0].update_rate == 1.0
     for runner, completions in runs.values():
         # one decision per live sequence and chunk: the prompt, then each full generated chunk before its stop
-        expected = sum(1 + (c.tokens - 1) // DATA.chunk_size for c in completions)
-        assert runner.decisions == expected == sum(c.decisions for c in completions)
+        for c in completions:
+            assert c.decisions == 1 + (c.live_tokens - 1) // DATA.chunk_size and c.live_tokens <= c.tokens <= 24
+        assert runner.decisions == sum(c.decisions for c in completions)
     # λ = 0 keeps the fast weights: the same tokens as decoding (unpadded, alone) with an adapter that never updates
     reference = greedy_without_updates(model, tok.encode(prompts[0]), skip[1][0].tokens)
     assert tok.decode(reference) == skip[1][0].text

@@ -201,6 +201,8 @@ class GateRunner:
         self.decisions = 0
         self.updates = 0
         self.stops: tuple[tuple[int, ...], ...] = ()
+        self.stop_strings: tuple[str, ...] = ()
+        self.decode: Callable[[list[int]], str] | None = None
         self.active = np.zeros(0, bool)
         self.generated: list[list[int]] = []
         self.rows: list[dict[str, int]] = []
@@ -209,21 +211,36 @@ class GateRunner:
     def update_rate(self) -> float | None:
         return self.updates / self.decisions if self.decisions else None
 
-    def start_batch(self, real_rows: np.ndarray, stops: tuple[tuple[int, ...], ...]) -> None:
-        """A new batch: `real_rows` [B] False for filler rows; `stops` the token stop sequences (eos included)."""
+    def start_batch(self, real_rows: np.ndarray, stops: tuple[tuple[int, ...], ...], stop_strings: Sequence[str] = (),
+                    decode: Callable[[list[int]], str] | None = None) -> None:
+        """A new batch: `real_rows` [B] False for filler rows; `stops` the token stop sequences (eos included);
+        `stop_strings` end a completion too (found in the `decode`d text: the string may span several tokens,
+        or be tokenized differently than on its own)."""
         self.active = np.asarray(real_rows, bool).copy()
         self.stops = stops
+        self.stop_strings = tuple(x for x in stop_strings if x)
+        self.decode = decode
         self.generated = [[] for _ in range(len(self.active))]
-        self.rows = [{"decisions": 0, "updates": 0} for _ in range(len(self.active))]
+        self.rows = [{"decisions": 0, "updates": 0, "live_tokens": 0} for _ in range(len(self.active))]
+
+    def _stopped(self, seq: list[int]) -> bool:
+        if any(len(seq) >= len(s) and tuple(seq[-len(s):]) == s for s in self.stops):
+            return True
+        if self.stop_strings and self.decode is not None:
+            # a stop string ending at this token lies within its last len(stop) + 1 tokens (a token is >= 1 byte)
+            tail = self.decode(seq[-(max(map(len, self.stop_strings)) + 1):])
+            return any(x in tail for x in self.stop_strings)
+        return False
 
     def _advance(self, tokens: np.ndarray) -> None:
-        """Follows each row through a generated chunk (as `generate` does) and retires rows that stopped."""
+        """Follows each row through a generated chunk and retires the rows whose completion ended in it."""
         for row in np.flatnonzero(self.active):
             seq = self.generated[row]
             for token in tokens[row]:
                 seq.append(int(token))
-                if any(len(seq) >= len(s) and tuple(seq[-len(s):]) == s for s in self.stops):
+                if self._stopped(seq):
                     self.active[row] = False
+                    self.rows[row]["live_tokens"] = len(seq)
                     break
 
     def __call__(self, context: Any) -> np.ndarray:
@@ -264,11 +281,13 @@ class GateRunner:
 
 @dataclasses.dataclass(frozen=True)
 class Completion:
-    """One problem's generation: text (up to the stop / end-of-text), token count, prompt truncation, and the
-    gate's decisions for it."""
+    """One problem's generation: text (up to end-of-text; stop strings are cut when scoring), generated tokens,
+    live tokens (those before the completion ended at a stop, token- or text-level, as the gate saw it), prompt
+    truncation, and the gate's decisions for it."""
 
     text: str
     tokens: int
+    live_tokens: int
     prompt_tokens: int
     truncated: bool
     decisions: int
@@ -340,7 +359,7 @@ def generate_completions(model: Any, tok: Any, prompts: Sequence[str], runner: G
         for row, x in enumerate(ids):
             batch[row, length - len(x):] = x
             mask[row, length - len(x):] = 1
-        runner.start_batch(np.arange(rows) < real, config.stops)
+        runner.start_batch(np.arange(rows) < real, config.stops, stops, tok.decode)
         started = time.perf_counter()
         result = generate(model, batch, mask, dataclasses.replace(config, seed=seed + start), gate=runner,
                           ttt_chunk_size=chunk_size)
@@ -348,7 +367,8 @@ def generate_completions(model: Any, tok: Any, prompts: Sequence[str], runner: G
             generated = [int(t) for t in result.tokens[row, :result.lengths[row]]]
             if tok.eod_id in generated:
                 generated = generated[:generated.index(tok.eod_id)]
-            out.append(Completion(text=tok.decode(generated), tokens=int(result.lengths[row]),
+            live = runner.rows[row]["live_tokens"] or int(result.lengths[row])
+            out.append(Completion(text=tok.decode(generated), tokens=int(result.lengths[row]), live_tokens=live,
                                   prompt_tokens=len(ids[row]), truncated=truncated[row],
                                   decisions=runner.rows[row]["decisions"], updates=runner.rows[row]["updates"]))
         if timings is not None:
