@@ -12,6 +12,7 @@ per-chunk gain of the always-UPDATE_1 roll-out over the never-update one.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,6 +37,52 @@ def _head_site(model: Any) -> Any:
     return model.adapters[0]
 
 
+@functools.lru_cache(maxsize=16)
+def _hidden_pass(graphdef: Any) -> Any:
+    """Jitted: the frozen backbone's final hidden states [B, T, C] (they do not depend on the head adapter)."""
+    import jax
+    from flax import nnx
+
+    return jax.jit(lambda state, ids: nnx.merge(graphdef, state).backbone(ids)[0])
+
+
+@functools.lru_cache(maxsize=16)
+def _adapter_pass(graphdef: Any, chunk_size: int, steps: int) -> Any:
+    """Jitted: the head adapter on one chunk from the carried fast weights, with λ [B] and `steps` inner steps:
+    (loss, tokens, new fast weights, logits, reconstruction loss at the initial weights, at step 0)."""
+    import jax
+    from flax import nnx
+
+    @jax.jit
+    def run(state: Any, h: Any, fast: Any, lam: Any, starts: Any, targets: Any, mask: Any) -> Any:
+        m = nnx.merge(graphdef, state)
+        out, stats = m.adapters[0](h, state=fast, gating_scale=lam, num_steps=steps, reset_mask=starts,
+                                   chunk_size=chunk_size)
+        logits = m.readout(out)
+        loss, tokens = chunk_losses(logits, targets, mask, chunk_size)
+        return loss[:, 0], tokens[:, 0], stats.state, logits, stats.chunk_loss_init[:, 0], stats.chunk_loss_step0[:, 0]
+
+    return run
+
+
+@functools.lru_cache(maxsize=4)
+def _features_pass(chunk_size: int) -> Any:
+    """Jitted: one chunk's gate features from the carried feature state (reset where a document starts)."""
+    import jax
+
+    from ponderttt.gating import FeatureExtractor, FeatureInputs
+    from ponderttt.gating.features import reset_sequences
+
+    extractor = FeatureExtractor()
+
+    @jax.jit
+    def run(fstate: Any, logits: Any, init: Any, step0: Any, mask: Any, starts: Any) -> Any:
+        fstate = reset_sequences(fstate, starts[:, 0])
+        return extractor(FeatureInputs(logits=logits, recon_init=init, recon_step0=step0, token_mask=mask), fstate)
+
+    return run
+
+
 def roll_out_carry(model: Any, gate: Any, batches: Sequence[dict[str, Any]], *, data: DataConfig, mesh: Any,
                    seed: int) -> dict[str, np.ndarray]:
     """One method under carry: {"loss", "actions" (or absent), "scales", "tokens"} as [B_total, N] arrays."""
@@ -43,37 +90,16 @@ def roll_out_carry(model: Any, gate: Any, batches: Sequence[dict[str, Any]], *, 
     import jax.numpy as jnp
     from flax import nnx
 
-    from ponderttt.gating import FeatureExtractor, FeatureInputs, GateInput
-    from ponderttt.gating.features import reset_sequences
+    from ponderttt.gating import FeatureExtractor, GateInput
 
     site = _head_site(model)
     c = data.chunk_size
     extractor = FeatureExtractor()
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def hidden(state: Any, ids: Any) -> Any:
-        return nnx.merge(graphdef, state).backbone(ids)[0]
-
-    def adapter_pass(steps: int) -> Any:
-        @jax.jit
-        def run(state: Any, h: Any, fast: Any, lam: Any, starts: Any, targets: Any, mask: Any) -> Any:
-            m = nnx.merge(graphdef, state)
-            out, stats = m.adapters[0](h, state=fast, gating_scale=lam, num_steps=steps, reset_mask=starts,
-                                       chunk_size=c)
-            logits = m.readout(out)
-            loss, tokens = chunk_losses(logits, targets, mask, c)
-            return loss[:, 0], tokens[:, 0], stats.state, logits, stats.chunk_loss_init[:, 0], \
-                stats.chunk_loss_step0[:, 0]
-
-        return run
-
-    passes = {k: adapter_pass(k) for k in (1, 2, 4)}
-
-    @jax.jit
-    def features_of(fstate: Any, logits: Any, init: Any, step0: Any, mask: Any, starts: Any) -> Any:
-        fstate = reset_sequences(fstate, starts[:, 0])
-        return extractor(FeatureInputs(logits=logits, recon_init=init, recon_step0=step0, token_mask=mask), fstate)
+    hidden = _hidden_pass(graphdef)
+    passes = {k: _adapter_pass(graphdef, c, k) for k in (1, 2, 4)}
+    features_of = _features_pass(c)
+    decide = jax.jit(lambda inputs, gstate, key: gate(inputs, gstate, key, train=False))
 
     def select(mask_b: Any, a: Any, b: Any) -> Any:
         return jax.tree.map(lambda x, y: jnp.where(mask_b.reshape((-1,) + (1,) * (x.ndim - 1)), x, y), a, b)
@@ -97,8 +123,8 @@ def roll_out_carry(model: Any, gate: Any, batches: Sequence[dict[str, Any]], *, 
                                                batch["doc_start"][:, part])
                 key, sub = jax.random.split(key)
                 upd_loss, _, upd_fast, _, _, _ = passes[1](state, *args, jnp.ones((b,)), *tail)
-                decision = gate(GateInput(features=features, signal=step0, advantage=skip_loss - upd_loss), gstate,
-                                sub, train=False)
+                decision = decide(GateInput(features=features, signal=step0, advantage=skip_loss - upd_loss),
+                                  gstate, sub)
                 gstate = decision.state
                 if decision.action is None:  # continuous: one pass at the gate's λ
                     loss, _, fast, _, _, _ = passes[1](state, *args, decision.scale, *tail)
@@ -127,13 +153,11 @@ def roll_out_carry(model: Any, gate: Any, batches: Sequence[dict[str, Any]], *, 
 
 def compare_carry(model: Any, batches: Sequence[dict[str, Any]], held: HeldOut, methods: Sequence[str],
                   budgets: Sequence[float], *, data: DataConfig, mesh: Any, calibration_signal: np.ndarray,
-                  trained: Mapping[str, Any] | None = None, learned_budget: float | None = None, cost_table: Any = None,
+                  trained: Mapping[str, Any] | None = None, cost_table: Any = None,
                   n_resamples: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
     """Every (method, budget) under carry on the same sequences as `held` (which must come from `batches`)."""
     trained = dict(trained or {})
-    pairs = [(m, b) for m, b in method_budgets([m for m in methods if m not in trained], budgets)]
-    if learned_budget is not None:
-        pairs += [(m, learned_budget) for m in methods if m in trained]
+    pairs = method_budgets(methods, budgets)
     never = roll_out_carry(model, make_method_gate("skip", None, None, {}), batches, data=data, mesh=mesh, seed=seed)
     always = roll_out_carry(model, make_method_gate("update_1", None, None, {}), batches, data=data, mesh=mesh,
                             seed=seed)

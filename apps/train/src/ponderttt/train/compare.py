@@ -6,6 +6,11 @@ and any discrete gate's loss is an exact look-up in it (continuous gates need on
 by `loss_at_scale`). Under `carry` a decision changes the state later chunks see, so the model runs the
 gate inside its chunk loop and hands the realised arrays to `carry_record`.
 
+Budgets are met exactly: a causal gate with a score (the reconstruction loss, a learned gate's update
+logit or scale) is deployed at budget b by `TopKBudget`, which in every chunk updates exactly round(b · B) of
+the B concurrent sequences, those with the highest score (the scores are known before the chunk's update, so
+this stays causal). Learned gates are also recorded once with their own decisions (budget None).
+
 Records are built by `ponderttt.eval.summarize_method` (token-weighted losses, document-resampled CIs,
 costs, budget adherence, the budget-matched oracle and recovery).
 """
@@ -64,15 +69,69 @@ class HeldOut:
         return self.loss[..., 0] - self.loss[..., UPDATE_ACTION]
 
 
+def update_score(gate: Any, inputs: Any, out: Any) -> Any:
+    """[B] how strongly a causal gate wants to update this chunk: higher updates first under `TopKBudget`.
+
+    Reconstruction gates: the step-0 reconstruction loss (negated when inverted); gates with action logits
+    (gumbel, ppo): log P(any update) − log P(SKIP); continuous gates: their scale λ."""
+    import jax
+    import jax.numpy as jnp
+
+    if "logits" in out.aux:
+        logits = out.aux["logits"]
+        actions = tuple(getattr(gate.cfg, "actions", range(logits.shape[-1])))
+        skip = actions.index(0)
+        others = jnp.asarray([i for i in range(len(actions)) if i != skip])
+        return jax.nn.logsumexp(logits[:, others], axis=-1) - logits[:, skip]
+    if out.action is None:
+        return out.scale
+    if inputs.signal is None:
+        raise ValueError(f"{type(gate).__name__} has no update score: it needs GateInput.signal")
+    return -inputs.signal if getattr(getattr(gate, "cfg", None), "invert", False) else inputs.signal
+
+
+class TopKBudget:
+    """Deploys a scoring gate at an exact budget: in every chunk, exactly round(rate · B) of the B concurrent
+    sequences update (UPDATE_1; a continuous gate keeps its λ there and gets λ = 0 elsewhere): those with the
+    highest `update_score`. Causal: the scores of a chunk are known before its update. The wrapped gate's own
+    state (EMAs, budget credit) evolves from its own proposals."""
+
+    causal = True
+
+    def __init__(self, gate: Any, rate: float) -> None:
+        from ponderttt.gating import budget_count
+
+        budget_count(rate, 1)  # validates the rate
+        self.gate, self.rate, self.kind = gate, float(rate), gate.kind
+
+    def init_state(self, batch_size: int) -> Any:
+        return self.gate.init_state(batch_size)
+
+    def __call__(self, inputs: Any, state: Any, key: Any = None, *, train: bool = False) -> Any:
+        import jax.numpy as jnp
+
+        from ponderttt.gating import GateOutput, action_to_gating_scale, budget_count, top_k_mask
+
+        out = self.gate(inputs, state, key, train=False)
+        score = update_score(self.gate, inputs, out)
+        chosen = top_k_mask(score, budget_count(self.rate, score.shape[0]))
+        aux = {"score": score}
+        if out.action is None:
+            return GateOutput(None, jnp.where(chosen, out.scale, 0.0), out.state, aux)
+        action = jnp.where(chosen, UPDATE_ACTION, 0).astype(jnp.int32)
+        return GateOutput(action, action_to_gating_scale(action), out.state, aux)
+
+
 def make_method_gate(method: str, budget: float | None, calibration_signal: np.ndarray | None,
                      trained: Mapping[str, Any]) -> Any:
-    """The gate that plays `method` at `budget` (learned gates: the trained ones in `trained`)."""
+    """The gate that plays `method` at `budget` (learned gates: the trained ones in `trained`; budget None plays
+    a learned gate's own decisions)."""
     from ponderttt.gating import make_gate
 
     if method in TRAINABLE_GATES:
         if method not in trained:
             raise KeyError(f"method {method!r} needs a trained gate; trained: {sorted(trained)}")
-        return trained[method]
+        return trained[method] if budget is None else TopKBudget(trained[method], budget)
     spec = GATE_SPECS[method]
     if method in FIXED_METHODS:
         return make_gate(spec)
@@ -80,9 +139,9 @@ def make_method_gate(method: str, budget: float | None, calibration_signal: np.n
         raise ValueError(f"method {method!r} needs a budget")
     if method in ("random", "oracle"):
         return make_gate(spec, rate=budget)
-    if budget >= 1.0:  # a threshold cannot be calibrated to update everything: every chunk updates
+    if budget >= 1.0:  # every chunk updates
         return make_gate("fixed:update_1")
-    return make_gate(spec, target_rate=budget, calibration_signal=calibration_signal)
+    return TopKBudget(make_gate(spec, target_rate=budget, calibration_signal=calibration_signal), budget)
 
 
 def roll_out(gate: Any, held: HeldOut, *, seed: int) -> tuple[np.ndarray | None, np.ndarray]:
@@ -125,21 +184,27 @@ def method_record(method: str, budget: float | None, protocol: str, held: HeldOu
         return np.asarray(a).reshape(-1)
 
     names = None if actions is None else np.asarray(ACTION_NAMES)[flat(actions)]
+    extra = dict(extra or {})
+    if actions is not None and np.any(np.asarray(actions) > UPDATE_ACTION) and held.loss.shape[-1] > 2:
+        # the method also took UPDATE_2 / UPDATE_4: its oracle may pick the best update action of every chunk
+        loss_update = np.nanmin(held.loss[..., 1:], axis=-1)
+        extra["oracle_update"] = "best of update_1, update_2, update_4 per chunk"
     return summarize_method(
         method, protocol, loss=flat(loss), tokens=flat(held.tokens), actions=names,
         lambdas=None if actions is not None else flat(scales), budget=budget,
         budget_unit=None if budget is None else "update_rate", cost_table=cost_table,
         loss_skip=flat(held.loss[..., 0]), loss_update=flat(loss_update), languages=flat(held.languages),
-        documents=flat(held.documents), n_resamples=n_resamples, seed=seed, extra=dict(extra or {}))
+        documents=flat(held.documents), n_resamples=n_resamples, seed=seed, extra=extra or None)
 
 
 def method_budgets(methods: Sequence[str], budgets: Sequence[float]) -> list[tuple[str, float | None]]:
-    """(method, budget) pairs to evaluate: fixed schedules once (no budget), every other method per budget."""
+    """(method, budget) pairs to evaluate: fixed schedules once (no budget), every other method per budget, and
+    learned gates also once with their own decisions (budget None)."""
     pairs: list[tuple[str, float | None]] = []
     for method in methods:
-        if method in FIXED_METHODS:
+        if method in FIXED_METHODS or method in TRAINABLE_GATES:
             pairs.append((method, None))
-        else:
+        if method not in FIXED_METHODS:
             pairs.extend((method, float(b)) for b in budgets)
     return pairs
 

@@ -254,12 +254,21 @@ class GateConfig:
     """Target fraction of updated chunks during gate training, in (0, 1]."""
     train_steps: int = 100
     lr: float = 3e-4
+    scale_max: float = 2.0
+    """Largest scale λ of the continuous gate (λ = 1 is one UPDATE_1 step's learning rate)."""
+    ppo_epochs: int = 4
+    """PPO epochs over each rollout (one training batch: chunks x sequences decisions)."""
+    ppo_minibatches: int = 4
+    """PPO minibatches per epoch; must divide chunks per sequence x --data.batch-size."""
 
     def __post_init__(self) -> None:
         _check_methods("--gate.gates", self.gates, TRAINABLE_GATES)
         _check_budget("--gate.budget", self.budget)
         _require(self.train_steps >= 1, f"--gate.train-steps={self.train_steps} must be positive")
         _require(self.lr > 0, f"--gate.lr={self.lr} must be positive")
+        _require(self.scale_max > 0, f"--gate.scale-max={self.scale_max} must be positive")
+        _require(self.ppo_epochs >= 1, f"--gate.ppo-epochs={self.ppo_epochs} must be positive")
+        _require(self.ppo_minibatches >= 1, f"--gate.ppo-minibatches={self.ppo_minibatches} must be positive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,6 +359,14 @@ class EvaluateConfig:
         _require(self.timeout_s > 0, f"--evaluate.timeout-s={self.timeout_s} must be positive")
 
 
+def _check_ppo_rollout(gate: GateConfig, data: DataConfig) -> None:
+    decisions = data.chunks_per_sequence * data.batch_size
+    _require("ppo" not in gate.gates or decisions % gate.ppo_minibatches == 0,
+             f"--gate.ppo-minibatches={gate.ppo_minibatches} does not divide the {decisions} decisions of a rollout "
+             f"(--data.seq-len / --data.chunk-size = {data.chunks_per_sequence} chunks x --data.batch-size="
+             f"{data.batch_size}); choose a divisor of {decisions}")
+
+
 def _check_compared_gates_are_trained(gate: GateConfig, compare: CompareConfig) -> None:
     missing = [m for m in compare.methods if m in TRAINABLE_GATES and m not in gate.gates]
     _require(not missing, f"--compare.methods includes {', '.join(missing)}, which --gate.gates does not train; "
@@ -390,6 +407,9 @@ class GateCommand:
     backbone: BackboneConfig = BackboneConfig()
     adapter: AdapterConfig = AdapterConfig()
     gate: GateConfig = GateConfig()
+
+    def __post_init__(self) -> None:
+        _check_ppo_rollout(self.gate, self.data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -447,6 +467,7 @@ class PipelineCommand:
 
     def __post_init__(self) -> None:
         _check_compared_gates_are_trained(self.gate, self.compare)
+        _check_ppo_rollout(self.gate, self.data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -470,6 +491,7 @@ class ReproduceCommand:
         for scale in self.scales:
             _require(scale in SCALE_DIRS, f"--scales: unknown scale {scale!r}; known: {', '.join(SCALE_DIRS)}")
         _check_compared_gates_are_trained(self.gate, self.compare)
+        _check_ppo_rollout(self.gate, self.data)
 
 
 COMMANDS: dict[str, type] = {

@@ -1,11 +1,22 @@
 """The `gate` stage: learned gates trained on the frozen backbone + trained adapter, under the reset protocol.
 
-Gumbel (hard skip): per chunk the gate reads the causal features of the chunk (from a SKIP pass: prediction
-entropy / confidence, the step-0 reconstruction loss and their in-document EMAs) and draws a hard
-SKIP / UPDATE_1 decision with straight-through Gumbel-softmax gradients; the adapted model then runs with
-those decisions as its gating scale λ [B, N]. Loss: L_CE + μ · update_rate, with the multiplier μ from a
-PID-Lagrangian controller on the realised update rate against the budget (its state is checkpointed
-with the gate, the optimizer, the step and the RNG).
+Every gate reads, per chunk, the causal features of the chunk from a SKIP pass (prediction entropy /
+confidence, the step-0 reconstruction loss and their in-document EMAs) and nothing after the update.
+Budgets are in update-equivalents: λ = 1 (one UPDATE_1) costs 1, and under the published costs
+(SKIP 1, UPDATE_k 1 + 2k, linear in λ) a scale λ or k inner steps cost λ or k.
+
+- **gumbel** (hard skip): straight-through Gumbel-softmax SKIP / UPDATE_1 decisions are the adapted
+  model's gating scale λ [B, N]; loss L_CE + μ · mean(λ).
+- **continuous** (learned scale): λ ∈ [0, λ_max] per chunk from the gate's MLP (with its remaining
+  budget credit as input); loss L_CE + β · L_TTT + μ · mean(λ) (the gating package's
+  `continuous_gate_loss`, with γ · cost = μ · λ).
+- **ppo** (PID-Lagrangian policy over SKIP / UPDATE_1 / UPDATE_2 / UPDATE_4): under the reset protocol a
+  chunk's loss depends only on its own action, so each chunk is a one-step episode (a contextual bandit):
+  reward = loss(SKIP) − loss(action) from one pass per action, cost = the action's normalised published
+  cost; `PPOLearner` does the clipped update and the PID multiplier.
+
+For gumbel and continuous the multiplier μ comes from a PID-Lagrangian controller on mean(λ) against the
+budget; the controller state is checkpointed with the gate, the optimizer, the step and the RNG.
 """
 
 from __future__ import annotations
@@ -14,39 +25,61 @@ import pathlib
 from typing import Any
 
 from ponderttt.train import corpus, distributed
-from ponderttt.train.adapter import BATCH_KEYS, forward
+from ponderttt.train.adapter import BATCH_KEYS, chunk_losses, forward
 from ponderttt.train.checkpoint import Checkpointer, data_to_key, has_checkpoint, key_to_data
-from ponderttt.train.config import DataConfig, GateConfig, RunConfig
+from ponderttt.train.config import TRAINABLE_GATES, DataConfig, GateConfig, RunConfig
 from ponderttt.train.loop import train_loop
 from ponderttt.train.rundir import RunDir
 
-IMPLEMENTED = ("gumbel",)
+IMPLEMENTED = TRAINABLE_GATES
+UPDATE_STEPS = (1, 2, 4)  # inner steps of UPDATE_1, UPDATE_2, UPDATE_4 (action codes 1..3)
 
 
 def export_dir(run_dir: RunDir, name: str) -> pathlib.Path:
     return run_dir.root / f"gate_{name}"
 
 
+def unit_cost() -> float:
+    """Normalised published cost of one UPDATE_1: the unit of the PPO budget in normalised costs."""
+    from ponderttt.gating import UPDATE_1, CostTable
+
+    return float(CostTable.published().normalised(UPDATE_1))
+
+
 def build_gate(name: str, gate: GateConfig, seed: int) -> Any:
+    """A fresh (untrained) gate `name` configured for `gate.budget`."""
     from flax import nnx
 
-    from ponderttt.gating import FeatureExtractor, make_gate
+    from ponderttt.gating import FeatureExtractor, PIDConfig, make_gate
 
-    if name != "gumbel":
-        raise ValueError(f"gate {name!r} has no trainer in this version; trainable here: {IMPLEMENTED}")
-    return make_gate("gumbel", rngs=nnx.Rngs(seed + 2), num_features=FeatureExtractor().num_features,
-                     anneal_steps=gate.train_steps)
+    if name not in IMPLEMENTED:
+        raise ValueError(f"gate {name!r} has no trainer; trainable gates: {', '.join(IMPLEMENTED)}")
+    common = {"rngs": nnx.Rngs(seed + 2), "num_features": FeatureExtractor().num_features}
+    if name == "gumbel":
+        return make_gate("gumbel", anneal_steps=gate.train_steps, **common)
+    if name == "continuous":
+        return make_gate("continuous", scale_max=gate.scale_max, initial_scale=min(1.0, gate.scale_max / 2),
+                         budget=gate.budget * unit_cost(), **common)
+    return make_gate("ppo", learning_rate=gate.lr, epochs=gate.ppo_epochs, minibatches=gate.ppo_minibatches,
+                     pid=PIDConfig(cost_limit=gate.budget * unit_cost()), **common)
 
 
-def skip_features(model: Any, batch: dict[str, Any], chunk_size: int) -> tuple[Any, Any]:
-    """(features [B, N, F], step-0 reconstruction loss [B, N]) from a SKIP pass: what a causal gate may read."""
+def skip_pass(model: Any, batch: dict[str, Any], chunk_size: int) -> tuple[Any, Any, Any]:
+    """(features [B, N, F], step-0 reconstruction loss [B, N], SKIP loss [B, N]) from one SKIP pass: what a
+    causal gate may read, and the no-update loss."""
     import jax
 
     from ponderttt.train.heldout import _features
 
     out = forward(model, batch, chunk_size=chunk_size, num_steps=1, gating_scale=0.0, protocol="reset")
     features = _features(out.logits, out.ttt_stats, batch["loss_mask"], batch["doc_start"], chunk_size)
-    return jax.lax.stop_gradient(features), jax.lax.stop_gradient(out.ttt_stats.chunk_loss_step0)
+    loss = chunk_losses(out.logits, batch["targets"], batch["loss_mask"], chunk_size)[0]
+    return jax.lax.stop_gradient((features, out.ttt_stats.chunk_loss_step0, loss))
+
+
+def skip_features(model: Any, batch: dict[str, Any], chunk_size: int) -> tuple[Any, Any]:
+    """(features [B, N, F], step-0 reconstruction loss [B, N]) from a SKIP pass."""
+    return skip_pass(model, batch, chunk_size)[:2]
 
 
 def load_gate(name: str, gate: GateConfig, run_dir: RunDir, seed: int) -> Any:
@@ -61,42 +94,74 @@ def load_gate(name: str, gate: GateConfig, run_dir: RunDir, seed: int) -> Any:
 
 
 def train_gate(name: str, *, run: RunConfig, data: DataConfig, gate: GateConfig, run_dir: RunDir, mesh: Any,
-               tok: Any, model: Any) -> tuple[Any, dict[str, float]]:
-    """Trains gate `name` against `gate.budget`; returns (the trained gate, final metrics)."""
+               tok: Any, model: Any, beta: float = 0.0) -> tuple[Any, dict[str, float]]:
+    """Trains gate `name` against `gate.budget`; returns (the trained gate, final metrics). `beta` weighs L_TTT
+    in the continuous gate's loss."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    import optax
     from flax import nnx
-
-    from ponderttt.gating import GateInput, PIDConfig, pid_init, pid_update
-    from ponderttt.train.backbone import lm_loss
 
     if run.resume and has_checkpoint(export_dir(run_dir, name)):
         return load_gate(name, gate, run_dir, run.seed), {"cached": 1.0}
     module = build_gate(name, gate, run.seed)
-    g_graphdef, g_params, g_rest = nnx.split(module, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    if name == "ppo":
+        state, step_fn = _ppo_trainer(module, data=data, model=model, seed=run.seed)
+    else:
+        state, step_fn = _differentiable_trainer(name, graphdef, params, rest, data=data, gate=gate, model=model,
+                                                 seed=run.seed, beta=beta)
+
+    def to_global(batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: distributed.global_batch(np.asarray(batch[k]), mesh, data.batch_size) for k in BATCH_KEYS}
+
+    stream = iter(corpus.batches(data, tok, "train", seed=run.seed + 2, forever=True))
+    with jax.set_mesh(mesh):
+        result = train_loop(stage=f"gate_{name}", run_dir=run_dir, run=run, state=state,
+                            step_fn=lambda s, b: step_fn(s, to_global(b)), batches=stream,
+                            total_steps=gate.train_steps, tokens_per_step=data.batch_size * data.seq_len)
+    trained = result.state["ppo"].params if name == "ppo" else result.state["gate"]
+    with Checkpointer(export_dir(run_dir, name), keep=1, async_save=False) as ckpt:
+        ckpt.save(gate.train_steps, {"gate": trained}, {"budget": gate.budget, "final_metrics": result.last_metrics})
+    return nnx.merge(graphdef, trained, rest), result.last_metrics
+
+
+def _differentiable_trainer(name: str, graphdef: Any, params: Any, rest: Any, *, data: DataConfig, gate: GateConfig,
+                            model: Any, seed: int, beta: float) -> tuple[dict[str, Any], Any]:
+    """Gumbel and continuous: the task loss backpropagates through λ into the gate; PID multiplier on mean(λ)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from ponderttt.gating import GateInput, PIDConfig, continuous_gate_loss, pid_init, pid_update
+    from ponderttt.train.backbone import lm_loss
+
     m_graphdef, m_state = nnx.split(model)
     pid_cfg = PIDConfig(cost_limit=gate.budget)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(gate.lr))
-    state = {"gate": g_params, "opt": tx.init(g_params), "controller": pid_init(pid_cfg),
-             "step": jnp.zeros((), jnp.int32), "rng": key_to_data(jax.random.key(run.seed + 3))}
+    state = {"gate": params, "opt": tx.init(params), "controller": pid_init(pid_cfg),
+             "step": jnp.zeros((), jnp.int32), "rng": key_to_data(jax.random.key(seed + 3))}
     n_chunks = data.chunks_per_sequence
 
     def loss_of(params: Any, step: Any, key: Any, multiplier: Any, batch: dict[str, Any]) -> tuple[Any, dict]:
         m = nnx.merge(m_graphdef, m_state)
         features, signal = skip_features(m, batch, data.chunk_size)
-        g = nnx.merge(g_graphdef, params, g_rest)
+        g = nnx.merge(graphdef, params, rest)
         carry, scales = g.init_state(features.shape[0]), []
         for j, sub in enumerate(jax.random.split(key, n_chunks)):
             out = g(GateInput(features=features[:, j], signal=signal[:, j], step=step), carry, sub, train=True)
             carry = out.state
             scales.append(out.scale)
-        lam = jnp.stack(scales, axis=1)  # [B, N] hard 0/1 with straight-through gradients
+        lam = jnp.stack(scales, axis=1)  # [B, N]: gumbel hard 0/1 (straight-through), continuous in [0, λ_max]
         gated = forward(m, batch, chunk_size=data.chunk_size, num_steps=1, gating_scale=lam, protocol="reset")
         ce = lm_loss(gated.logits, batch["targets"], batch["loss_mask"])
-        rate = jnp.mean(lam)
-        return ce + multiplier * rate, {"ce": ce, "update_rate": rate}
+        spend = jnp.mean(lam)  # update-equivalents (published costs are linear in λ)
+        if name == "continuous":
+            ttt = gated.ttt_stats.chunk_loss_after[..., -1]
+            loss, parts = continuous_gate_loss(ce, ttt, lam, beta=beta, gamma=multiplier)
+            return loss, {"ce": ce, "ttt_loss": parts["ttt"], "mean_scale": spend,
+                          "update_rate": jnp.mean((lam > 0).astype(jnp.float32))}
+        return ce + multiplier * spend, {"ce": ce, "update_rate": spend}
 
     @jax.jit
     def train_step(state: dict[str, Any], batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -105,20 +170,65 @@ def train_gate(name: str, *, run: RunConfig, data: DataConfig, gate: GateConfig,
         (loss, parts), grads = jax.value_and_grad(loss_of, has_aux=True)(state["gate"], state["step"], sub,
                                                                          multiplier, batch)
         updates, opt = tx.update(grads, state["opt"], state["gate"])
-        controller, terms = pid_update(state["controller"], jax.lax.stop_gradient(parts["update_rate"]), pid_cfg)
+        spent = parts["mean_scale"] if name == "continuous" else parts["update_rate"]
+        controller, terms = pid_update(state["controller"], jax.lax.stop_gradient(spent), pid_cfg)
         new = {"gate": optax.apply_updates(state["gate"], updates), "opt": opt, "controller": controller,
                "step": state["step"] + 1, "rng": jax.random.key_data(key)}
         return new, {"loss": loss, **parts, "multiplier": terms.multiplier}
 
-    def to_global(batch: dict[str, Any]) -> dict[str, Any]:
-        return {k: distributed.global_batch(np.asarray(batch[k]), mesh, data.batch_size) for k in BATCH_KEYS}
+    return state, train_step
 
-    stream = iter(corpus.batches(data, tok, "train", seed=run.seed + 2, forever=True))
-    with jax.set_mesh(mesh):
-        result = train_loop(stage=f"gate_{name}", run_dir=run_dir, run=run, state=state,
-                            step_fn=lambda s, b: train_step(s, to_global(b)), batches=stream,
-                            total_steps=gate.train_steps, tokens_per_step=data.batch_size * data.seq_len)
-    with Checkpointer(export_dir(run_dir, name), keep=1, async_save=False) as ckpt:
-        ckpt.save(gate.train_steps, {"gate": result.state["gate"]},
-                  {"budget": gate.budget, "final_metrics": result.last_metrics})
-    return nnx.merge(g_graphdef, result.state["gate"], g_rest), result.last_metrics
+
+def action_losses(model: Any, batch: dict[str, Any], chunk_size: int) -> tuple[Any, Any]:
+    """(features [B, N, F], loss [B, N, 4] under SKIP, UPDATE_1, UPDATE_2, UPDATE_4): one pass per action."""
+    import jax
+    import jax.numpy as jnp
+
+    features, _, skip_loss = skip_pass(model, batch, chunk_size)
+    losses = [skip_loss]
+    for steps in UPDATE_STEPS:
+        out = forward(model, batch, chunk_size=chunk_size, num_steps=steps, gating_scale=1.0, protocol="reset")
+        losses.append(chunk_losses(out.logits, batch["targets"], batch["loss_mask"], chunk_size)[0])
+    return features, jax.lax.stop_gradient(jnp.stack(losses, axis=-1))
+
+
+def _ppo_trainer(module: Any, *, data: DataConfig, model: Any, seed: int) -> tuple[dict[str, Any], Any]:
+    """PPO-Lagrangian on one-chunk episodes (reset protocol): reward loss(SKIP) − loss(action), normalised cost."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from ponderttt.gating import CostTable, GateInput, PPOLearner, build_ppo_batch
+
+    learner = PPOLearner(module.cfg)
+    graphdef, train_state = learner.init(module)
+    m_graphdef, m_state = nnx.split(model)
+    costs_table = CostTable.published()
+    state = {"ppo": train_state, "step": jnp.zeros((), jnp.int32), "rng": key_to_data(jax.random.key(seed + 3))}
+
+    @jax.jit
+    def train_step(state: dict[str, Any], batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        key, act_key, update_key = jax.random.split(data_to_key(state["rng"]), 3)
+        features, table = action_losses(nnx.merge(m_graphdef, m_state), batch, data.chunk_size)
+        features_tb = jnp.swapaxes(features, 0, 1)  # [N, B, F]: chunks are the time axis
+        table_tb = jnp.swapaxes(table, 0, 1)
+        n, b, f = features_tb.shape
+        gate = learner.model(graphdef, state["ppo"])
+        out = gate(GateInput(features=features_tb.reshape(n * b, f)), (), act_key, train=True)
+        actions = out.action.reshape(n, b)
+        chosen = jnp.take_along_axis(table_tb, actions[..., None], axis=-1)[..., 0]
+        rewards = table_tb[..., 0] - chosen
+        costs = costs_table.normalised(actions)
+        shaped = lambda x: x.reshape(n, b)
+        ones, zeros = jnp.ones((n, b)), jnp.zeros((b,))
+        ppo_batch = build_ppo_batch(features_tb, actions, shaped(out.aux["log_prob"]), rewards, costs,
+                                    shaped(out.aux["value"]), shaped(out.aux["cost_value"]), ones, zeros, zeros,
+                                    learner.cfg)
+        ppo_state, info = learner.update(graphdef, state["ppo"], ppo_batch, costs.mean(), update_key)
+        new = {"ppo": ppo_state, "step": state["step"] + 1, "rng": jax.random.key_data(key)}
+        return new, {"reward": rewards.mean(), "cost": costs.mean(), "update_rate": jnp.mean(actions > 0),
+                     "multiplier": info.multiplier, "policy_loss": info.metrics.policy_loss,
+                     "value_loss": info.metrics.value_loss, "entropy": info.metrics.entropy,
+                     "approx_kl": info.metrics.approx_kl, "minibatches": info.applied_minibatches}
+
+    return state, train_step

@@ -9,6 +9,7 @@ feature extractor. Wall-clock per chunk is measured per action (compilation excl
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -70,6 +71,57 @@ def _features(logits: Any, stats: Any, mask: Any, doc_start: Any, chunk_size: in
     return jnp.swapaxes(features, 0, 1)
 
 
+@functools.lru_cache(maxsize=16)
+def _skip_pass(graphdef: Any, chunk_size: int) -> Any:
+    """The jitted SKIP pass of a model structure (cached: every command and roll-out reuses one compilation)."""
+    import jax
+    from flax import nnx
+
+    @jax.jit
+    def run(state: Any, batch: dict[str, Any]) -> dict[str, Any]:
+        m = nnx.merge(graphdef, state)
+        out = forward(m, batch, chunk_size=chunk_size, num_steps=1, gating_scale=0.0, protocol="reset")
+        loss, tokens = chunk_losses(out.logits, batch["targets"], batch["loss_mask"], chunk_size)
+        features = _features(out.logits, out.ttt_stats, batch["loss_mask"], batch["doc_start"], chunk_size)
+        entropy, confidence = _chunk_entropy_confidence(out.logits, batch["loss_mask"], chunk_size)
+        return {"loss": loss, "tokens": tokens, "signal": out.ttt_stats.chunk_loss_step0, "features": features,
+                "entropy": entropy, "confidence": confidence}
+
+    return run
+
+
+@functools.lru_cache(maxsize=16)
+def _update_pass(graphdef: Any, chunk_size: int, steps: int) -> Any:
+    """The jitted UPDATE_k pass (λ = 1, k inner steps): (chunk loss, reconstruction-loss improvement)."""
+    import jax
+    from flax import nnx
+
+    @jax.jit
+    def run(state: Any, batch: dict[str, Any]) -> Any:
+        m = nnx.merge(graphdef, state)
+        out = forward(m, batch, chunk_size=chunk_size, num_steps=steps, gating_scale=1.0, protocol="reset")
+        loss = chunk_losses(out.logits, batch["targets"], batch["loss_mask"], chunk_size)[0]
+        stats = out.ttt_stats  # how much the update lowered the inner reconstruction loss of the chunk
+        return loss, stats.chunk_loss_step0 - stats.chunk_loss_after[..., -1]
+
+    return run
+
+
+@functools.lru_cache(maxsize=16)
+def _scaled_pass(graphdef: Any, chunk_size: int) -> Any:
+    """The jitted pass at a per-(sequence, chunk) gating scale λ [B, N] (one inner step): chunk losses."""
+    import jax
+    from flax import nnx
+
+    @jax.jit
+    def run(state: Any, batch: dict[str, Any], lam: Any) -> Any:
+        m = nnx.merge(graphdef, state)
+        out = forward(m, batch, chunk_size=chunk_size, num_steps=1, gating_scale=lam, protocol="reset")
+        return chunk_losses(out.logits, batch["targets"], batch["loss_mask"], chunk_size)[0]
+
+    return run
+
+
 def evaluate_held_out(model: Any, batches: list[dict[str, Any]], *, data: DataConfig, mesh: Any,
                       language: str, skip_only: bool = False) -> tuple[HeldOut, dict[str, float]]:
     """(HeldOut over every sequence of `batches`, measured wall-clock seconds per chunk for each action).
@@ -80,29 +132,9 @@ def evaluate_held_out(model: Any, batches: list[dict[str, Any]], *, data: DataCo
     from flax import nnx
 
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def skip_pass(state: Any, batch: dict[str, Any]) -> dict[str, Any]:
-        m = nnx.merge(graphdef, state)
-        out = forward(m, batch, chunk_size=data.chunk_size, num_steps=1, gating_scale=0.0, protocol="reset")
-        loss, tokens = chunk_losses(out.logits, batch["targets"], batch["loss_mask"], data.chunk_size)
-        features = _features(out.logits, out.ttt_stats, batch["loss_mask"], batch["doc_start"], data.chunk_size)
-        entropy, confidence = _chunk_entropy_confidence(out.logits, batch["loss_mask"], data.chunk_size)
-        return {"loss": loss, "tokens": tokens, "signal": out.ttt_stats.chunk_loss_step0, "features": features,
-                "entropy": entropy, "confidence": confidence}
-
-    def update_pass(steps: int) -> Any:
-        @jax.jit
-        def run(state: Any, batch: dict[str, Any]) -> Any:
-            m = nnx.merge(graphdef, state)
-            out = forward(m, batch, chunk_size=data.chunk_size, num_steps=steps, gating_scale=1.0, protocol="reset")
-            loss = chunk_losses(out.logits, batch["targets"], batch["loss_mask"], data.chunk_size)[0]
-            stats = out.ttt_stats  # how much the update lowered the inner reconstruction loss of the chunk
-            return loss, stats.chunk_loss_step0 - stats.chunk_loss_after[..., -1]
-
-        return run
-
-    passes = [skip_pass] + ([] if skip_only else [update_pass(k) for _, k in ACTION_PASSES[1:]])
+    skip_pass = _skip_pass(graphdef, data.chunk_size)
+    passes = [skip_pass] + ([] if skip_only else [_update_pass(graphdef, data.chunk_size, k)
+                                                  for _, k in ACTION_PASSES[1:]])
     losses: list[list[np.ndarray]] = [[] for _ in ACTION_PASSES]
     seconds = [0.0] * len(ACTION_PASSES)
     timed_chunks = 0
@@ -161,3 +193,24 @@ def _document_ids(doc_ids_bt: np.ndarray, batch_index: int, chunk_size: int) -> 
     keeps one id. (`batch_index` is unused: kept so the signature reads like the loop that calls it.)"""
     del batch_index
     return doc_ids_bt[:, ::chunk_size].astype(np.int64)
+
+
+def losses_at_scales(model: Any, batches: list[dict[str, Any]], scales: np.ndarray, *, data: DataConfig,
+                     mesh: Any) -> np.ndarray:
+    """[B, N] per-chunk loss of the adapted model with gating scale λ = scales[b, n] (one inner step), under the
+    reset protocol, on the same sequences as `evaluate_held_out(model, batches)`: continuous gates' losses."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    run = _scaled_pass(graphdef, data.chunk_size)
+    mine = distributed.process_rows(data.batch_size, jax.process_index(), jax.process_count())
+    losses = []
+    with jax.set_mesh(mesh):
+        for index, raw in enumerate(batches):
+            batch = {k: distributed.global_batch(np.asarray(raw[k]), mesh, data.batch_size) for k in BATCH_KEYS}
+            rows = np.asarray(scales[index * data.batch_size:(index + 1) * data.batch_size], np.float32)
+            local = rows if len(raw["input_ids"]) == data.batch_size else rows[mine]  # λ rows match the batch's
+            lam = distributed.global_batch(local, mesh, data.batch_size)
+            losses.append(np.asarray(jax.device_get(run(state, batch, lam))))
+    return np.concatenate(losses)

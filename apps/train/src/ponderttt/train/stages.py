@@ -1,14 +1,11 @@
-"""The commands: check what a command needs on disk, then run its stages.
-
-A stage that this version of the app does not implement yet raises `StageUnavailable` after the
-configuration and the file-system checks: it says so plainly, and nothing is trained or written.
-"""
+"""The commands: check what a command needs on disk, then run its stages."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
 import json
+import os
 import pathlib
 from typing import Any
 
@@ -23,10 +20,8 @@ class StageUnavailable(RuntimeError):
 
 # What each stage composes, for the message while it is not implemented.
 STAGE_NEEDS = {
-    "gate": "trainers for the continuous and ppo gates (only gumbel is trained so far)",
     "evaluate": "generation with TTT wired to ponderttt-eval's benchmarks and sandboxed execution",
 }
-PIPELINE_STAGES = ("pretrain", "ttt", "gate", "compare", "analyze")
 LATER_STAGES = ("gate", "compare", "analyze", "evaluate")  # commands that work on an existing run
 
 
@@ -34,10 +29,7 @@ def unavailable(stage: str, done: str | None = None) -> StageUnavailable:
     version = importlib.metadata.version("ponderttt-train")
     outcome = f"What ran: {done}." if done else "Nothing was trained or written."
     return StageUnavailable(
-        f"`{stage}` is not (fully) available in ponderttt-train {version}: missing {STAGE_NEEDS[stage]}. {outcome} "
-        "Available: pretrain, ttt, gate (gumbel), compare (reset and carry), analyze, pipeline (all of these), "
-        "configs and presets (--help), validation, run directories, Orbax checkpoints with --resume, metrics "
-        "(JSONL, TensorBoard) and the distributed set-up."
+        f"`{stage}` is not (fully) available in ponderttt-train {version}: missing {STAGE_NEEDS[stage]}. {outcome}"
     )
 
 
@@ -82,11 +74,19 @@ def check_prerequisites(command: str, preset: str, config: Any) -> None:
             raise ConfigError(f"--evaluate.benchmark-dir={config.evaluate.benchmark_dir}: missing directory")
 
 
+_JOINED: list[Any] = []  # the platform config this process joined with (reproduce starts several runs)
+
+
 def start(command: str, preset: str, config: Any) -> tuple[RunDir, Any]:
     """Joins the distributed run, builds the mesh, and prepares the run directory; returns (run_dir, mesh)."""
     import jax
 
-    distributed.initialize(config.platform)
+    if not _JOINED:
+        distributed.initialize(config.platform)
+        _JOINED.append(config.platform)
+        if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # compiled programs persist: later runs start faster
+            jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(config.run.output_dir) / "cache" / "jax"))
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
     mesh = distributed.make_mesh(config.platform.mesh)
     run_dir = resolve_run_dir(config.run, command, preset)
     if config.run.resume:
@@ -196,22 +196,21 @@ def run_compare(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, c
     costs = heldout.cost_table(model.config, data, config.adapter, wall or None)
     trained = dict(trained or {})
     left_out = [m for m in cmp.methods if m in TRAINABLE_GATES and m not in trained]
-    methods = [m for m in cmp.methods if m not in TRAINABLE_GATES]
-    records = compare.compare_reset(held, methods, cmp.budgets, calibration_signal=val.signal, cost_table=costs,
-                                    n_resamples=cmp.n_resamples, seed=config.run.seed)
-    learned = [m for m in cmp.methods if m in trained]
-    if learned:  # a learned gate is compared at the budget it was trained for
-        records += compare.compare_reset(held, learned, (config.gate.budget,), calibration_signal=val.signal,
-                                         trained=trained, cost_table=costs, n_resamples=cmp.n_resamples,
-                                         seed=config.run.seed)
+    methods = [m for m in cmp.methods if m not in left_out]
+
+    def loss_at_scale(scales: Any) -> Any:  # continuous gates: one pass at their λ
+        return heldout.losses_at_scales(model, test_batches, scales, data=data, mesh=mesh)
+
+    records = compare.compare_reset(held, methods, cmp.budgets, calibration_signal=val.signal, trained=trained,
+                                    loss_at_scale=loss_at_scale, cost_table=costs, n_resamples=cmp.n_resamples,
+                                    seed=config.run.seed)
     protocols = ["reset"]
     if "carry" in cmp.protocols:
         from ponderttt.train import carry
 
         try:
-            records += carry.compare_carry(model, test_batches, held, methods + learned, cmp.budgets, data=data,
-                                           mesh=mesh, calibration_signal=val.signal, trained=trained,
-                                           learned_budget=config.gate.budget, cost_table=costs,
+            records += carry.compare_carry(model, test_batches, held, methods, cmp.budgets, data=data, mesh=mesh,
+                                           calibration_signal=val.signal, trained=trained, cost_table=costs,
                                            n_resamples=cmp.n_resamples, seed=config.run.seed)
             protocols.append("carry")
         except carry.CarryUnsupported as error:
@@ -302,7 +301,8 @@ def run_gates(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any) -> 
         if name not in gates.IMPLEMENTED:
             continue
         trained[name], metrics = gates.train_gate(name, run=config.run, data=config.data, gate=config.gate,
-                                                  run_dir=run_dir, mesh=mesh, tok=tok, model=model)
+                                                  run_dir=run_dir, mesh=mesh, tok=tok, model=model,
+                                                  beta=config.adapter.beta)
         where = gates.export_dir(run_dir, name)
         say(f"gate {name}: " + (f"reused {where}" if metrics.get("cached") else f"trained ({_show(metrics)}); "
                                 f"saved in {where}"))
@@ -319,48 +319,62 @@ def run_command(command: str, preset: str, config: Any) -> int:
         run_ttt(command, preset, config)
         return 0
     if command == "pipeline":
-        run_dir, mesh, tok, model = run_ttt(command, preset, config)
-        trained = run_gates(config, run_dir, mesh, tok, model)
-        left_out, protocols = run_compare(config, run_dir, mesh, tok, model, command, trained)
-        say(f"outputs: {run_dir.root} (results.json, report.md, plots, checkpoints/, metrics.jsonl, tensorboard/)")
-        if left_out:
-            raise unavailable("gate", done=(
-                "the pipeline prepared the data and tokenizer, pretrained (or reused) the backbone, trained the "
-                f"adapter and the {', '.join(trained) or 'no'} gate, and compared "
-                f"{', '.join(m for m in config.compare.methods if m not in left_out)} under the "
-                f"{' and '.join(protocols)} protocols (report in {run_dir.root}, with the signal correlations); "
-                f"the gates {', '.join(left_out)} have no trainer yet"))
-        return 0
-    if command == "gate":
-        run_dir, mesh = start(command, preset, config)
-        tok = _tokenizer(config)
-        model = _model_with_adapter(config, run_dir, mesh, tok)
-        from ponderttt.train.adapter import load_adapter
-
-        load_adapter(model, run_dir)
-        trained = run_gates(config, run_dir, mesh, tok, model)
-        missing = [g for g in config.gate.gates if g not in trained]
-        if missing:
-            raise unavailable("gate", done=f"trained {', '.join(trained) or 'no gate'}; {', '.join(missing)} "
-                                           "have no trainer yet")
-        return 0
-    if command in ("compare", "analyze"):
-        from ponderttt.train import gates
-        from ponderttt.train.adapter import load_adapter
-
-        run_dir, mesh = start(command, preset, config)
-        tok = _tokenizer(config)
-        model = load_adapter(_model_with_adapter(config, run_dir, mesh, tok), run_dir)
-        if command == "analyze":
-            run_analyze(config, run_dir, mesh, tok, model)
-            return 0
-        trained = {m: gates.load_gate(m, config.gate, run_dir, config.run.seed) for m in config.compare.methods
-                   if m in gates.IMPLEMENTED}
-        left_out, protocols = run_compare(config, run_dir, mesh, tok, model, command, trained)
-        if left_out:
-            raise unavailable("gate", done=(f"wrote the {' and '.join(protocols)} comparison in {run_dir.root} "
-                                            f"without {', '.join(left_out)} (no trainer yet)"))
+        run_pipeline(command, preset, config)
         return 0
     if command == "reproduce":
-        raise unavailable("gate", done="reproduce needs every stage per scale")
-    raise unavailable(command)
+        run_reproduce(preset, config)
+        return 0
+    if command == "evaluate":
+        raise unavailable(command)
+    from ponderttt.train.adapter import load_adapter
+
+    run_dir, mesh = start(command, preset, config)
+    tok = _tokenizer(config)
+    model = load_adapter(_model_with_adapter(config, run_dir, mesh, tok), run_dir)
+    if command == "gate":
+        run_gates(config, run_dir, mesh, tok, model)
+    elif command == "analyze":
+        run_analyze(config, run_dir, mesh, tok, model)
+    else:
+        from ponderttt.train import gates
+
+        trained = {m: gates.load_gate(m, config.gate, run_dir, config.run.seed) for m in config.compare.methods
+                   if m in gates.IMPLEMENTED}
+        run_compare(config, run_dir, mesh, tok, model, command, trained)
+    return 0
+
+
+def run_pipeline(command: str, preset: str, config: Any) -> RunDir:
+    """Data and tokenizer, backbone, adapter, gates, comparison and signal analysis, report; returns the run."""
+    run_dir, mesh, tok, model = run_ttt(command, preset, config)
+    trained = run_gates(config, run_dir, mesh, tok, model)
+    run_compare(config, run_dir, mesh, tok, model, command, trained)
+    say(f"outputs: {run_dir.root} (results.json, report.md, plots, checkpoints/, metrics.jsonl, tensorboard/)")
+    return run_dir
+
+
+def run_reproduce(preset: str, config: Any) -> pathlib.Path:
+    """For each scale: the whole pipeline on backbone_root/<checkpoint>, in run <name>-<scale>; then the
+    published tables across scales in run <name> (scaling.md, scaling.json). Returns scaling.md."""
+    from ponderttt.train import aggregate
+    from ponderttt.train.config import BackboneConfig, PipelineCommand
+    from ponderttt.train.rundir import _stamp
+
+    base = config.run.name or f"reproduce-{preset}-{_stamp()}"
+    per_scale = {}
+    for scale in config.scales:
+        backbone = BackboneConfig(path=str(pathlib.Path(config.backbone_root) / SCALE_DIRS[scale]))
+        sub = PipelineCommand(run=dataclasses.replace(config.run, name=f"{base}-{scale}"), platform=config.platform,
+                              data=config.data, backbone=backbone, adapter=config.adapter, gate=config.gate,
+                              compare=config.compare, analyze=config.analyze)
+        say(f"reproduce: scale {scale} ({backbone.path}) -> run {sub.run.name}")
+        run_dir = run_pipeline("pipeline", preset, sub)
+        per_scale[scale] = json.loads(run_dir.results_file.read_text())
+    out = pathlib.Path(config.run.output_dir) / base
+    import jax
+
+    if jax.process_index() == 0:
+        budget = 0.5 if 0.5 in config.compare.budgets else config.compare.budgets[0]
+        path = aggregate.write_scaling_report(out, per_scale, method="recon", budget=budget, protocol="reset")
+        say(f"reproduce: wrote {path} and {out / 'scaling.json'}")
+    return out / "scaling.md"
