@@ -140,9 +140,10 @@ def test_carry_and_reset_protocols():
     y_fresh, s_fresh = dual(layer, x[:, 8:], None, num_steps=2)
     assert max_abs(y_reset[:, 8:], y_fresh) <= 1e-5 and max_abs(s_reset.state, s_fresh.state) <= 1e-5
     assert max_abs(y_reset[:, :8], y1) <= 1e-5
-    # an all-False mask is the same as no mask
+    # an all-False mask is the same as no mask (the generic scan body takes the LayerNorm gradient with jax.vjp,
+    # the fused one writes it out: float32 rounding apart, they agree)
     y_none, _ = dual(layer, x, None, jnp.zeros((B, 16), bool), num_steps=2)
-    assert max_abs(y_none, y) <= 1e-6
+    assert max_abs(y_none, y) <= 1e-5
 
 
 def test_jit_and_grad_through_the_layer_and_the_gate():

@@ -48,6 +48,19 @@ def _gram(a, b):
     return jnp.einsum("bhid,bhjd->bhij", a, b)
 
 
+def ln_loss_grad(z, target, weight, bias, eps: float):
+    """(½‖LN(z) − target‖² per token, its gradient dℓ/dz) over the last axis, the LayerNorm backward written out:
+    with x̂ = (z − μ)/σ and g = (LN(z) − target) ⊙ weight, dℓ/dz = (g − mean(g) − x̂ · mean(g ⊙ x̂)) / σ.
+    Used by the fused scan bodies; the generic body and the primal form take the gradient with `jax.vjp`."""
+    centered = z - jnp.mean(z, axis=-1, keepdims=True)
+    inv_std = jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + eps)
+    x_hat = centered * inv_std
+    err = x_hat * weight + bias - target
+    g = err * weight
+    dz = inv_std * (g - jnp.mean(g, axis=-1, keepdims=True) - x_hat * jnp.mean(g * x_hat, axis=-1, keepdims=True))
+    return 0.5 * jnp.sum(err * err, axis=-1), dz
+
+
 @dataclasses.dataclass(frozen=True)
 class LinearInner:
     """TTT-Linear: z = kW + b, loss ½‖LN(z) − (v − k)‖², output q + LN(z̄)."""
@@ -82,9 +95,13 @@ class LinearInner:
     def output(self, q, zbar):
         return q + layer_norm(zbar, self.ln_weight, self.ln_bias, self.eps)
 
-    # -- fused fast path (no resets): few, larger kernels per mini-batch --------------------------------
-    # The weights travel as one augmented matrix [W; b] ([d + 1, d]) and the queries/keys as [q | 1], [k | 1],
-    # so that one product gives [q; k] W + b and one product gives the carry [W; b] − [η_last ⊙ k | η_last]ᵀ G.
+    # -- fused fast path (no resets) ---------------------------------------------------------------------
+    # Only what carries the weights from one mini-batch to the next runs in the scan: the weights travel as
+    # one augmented matrix [W; b] ([d + 1, d]) and the queries/keys as [q | 1], [k | 1], so that one product
+    # gives [q; k] W + b, the LayerNorm gradient is written out (a few fused elementwise passes), and one
+    # product gives the carry [W; b] − [η_last ⊙ k | η_last]ᵀ G. The outputs z̄ = qW + b − (η ⊙ M ⊙ (qkᵀ + 1)) G
+    # and the losses need only the scanned [q; k]W + b and G, so they are computed after the scan for all
+    # mini-batches at once (large batched products instead of many small ones).
 
     def pack(self, fast: Fast):
         return jnp.concatenate([fast["W1"], fast["b1"][:, :, None, :]], axis=2)
@@ -92,31 +109,38 @@ class LinearInner:
     def unpack(self, packed) -> Fast:
         return {"W1": packed[:, :, :-1], "b1": packed[:, :, -1]}
 
+    fused_scan_keys = ("qk", "k_aug", "target")
+
     def fused_inputs(self, xs):
         ones = jnp.ones(xs["k"].shape[:-1] + (1,), xs["k"].dtype)
         eta_last = xs["eta_last"][..., None]
-        gram_kk = jnp.einsum("mbhid,mbhjd->mbhij", xs["k"], xs["k"])
         return {
             "qk": jnp.concatenate([jnp.concatenate([xs["q"], ones], -1), jnp.concatenate([xs["k"], ones], -1)], 3),
             "k_aug": jnp.concatenate([eta_last * xs["k"], eta_last], -1),
-            # k W' + b' = k W + b − ((k kᵀ + 1) ⊙ η_last) G: the loss after the step, outside the scan
-            "c_after": (gram_kk + 1.0) * xs["eta_last"][..., None, :],
+            "target": xs["v"] - xs["k"],
         }
 
     def fused_step(self, packed, x, grad_clip):
-        mbs = x["k"].shape[2]
+        """One mini-batch: (new [W; b], what the outputs and losses need: qW + b, kW + b and G)."""
         zz = _mm(x["qk"], packed)
+        mbs = x["target"].shape[2]
         zq, zk = zz[:, :, :mbs], zz[:, :, mbs:]
-        _, dz = self.loss_grad(zk, x["k"], x["v"])
+        _, dz = ln_loss_grad(zk, x["target"], self.ln_weight, self.ln_bias, self.eps)
         dz = clip_by_norm(dz, grad_clip)
-        zbar = zq - _attn(x["a_qk"], dz)
         new = packed - jnp.einsum("bhja,bhjd->bhad", x["k_aug"], dz)
-        return zbar, new, {"zk": zk, "dz": dz}
+        return new, {"zq": zq, "zk": zk, "dz": dz}  # zk is dropped by XLA when the losses are unused
+
+    def fused_outputs(self, xs, aux):
+        """(z̄, the no-update output qW + b) for all mini-batches [M, B, h, K, d]."""
+        return aux["zq"] - jnp.einsum("mbhij,mbhjd->mbhid", xs["a_qk"], aux["dz"]), aux["zq"]
 
     def fused_losses(self, xs, aux):
         """Per-token losses before and after the (first) step, batched over all mini-batches."""
-        z_after = aux["zk"] - jnp.einsum("mbhij,mbhjd->mbhid", xs["c_after"], aux["dz"])
-        return self.loss(aux["zk"], xs["k"], xs["v"]), self.loss(z_after, xs["k"], xs["v"])
+        zk = aux["zk"]
+        # k W' + b' = k W + b − ((k kᵀ + 1) ⊙ η_last) G
+        c_after = (jnp.einsum("mbhid,mbhjd->mbhij", xs["k"], xs["k"]) + 1.0) * xs["eta_last"][..., None, :]
+        z_after = zk - jnp.einsum("mbhij,mbhjd->mbhid", c_after, aux["dz"])
+        return self.loss(zk, xs["k"], xs["v"]), self.loss(z_after, xs["k"], xs["v"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,30 +204,39 @@ class LoRAInner:
     def unpack(self, packed) -> Fast:
         return packed
 
+    # Fused path (no resets): the scan carries A, B with k A, the residual G = z − v and G Bᵀ only; the outputs
+    # (q A_i) B_i of the dual form and the losses are computed after the scan from the weights at each
+    # mini-batch start, batched over all mini-batches.
+    fused_scan_keys = ("k", "v", "extra", "k_eta", "eta_last")
+
     def fused_inputs(self, xs):
-        return {"qk": jnp.concatenate([xs["q"], xs["k"]], axis=3)}
+        return {"k_eta": xs["eta_last"][..., None] * xs["k"]}
 
     def fused_step(self, fast: Fast, x, grad_clip):
-        """One dual-form mini-batch (no resets) sharing [q; k] A and the per-token gradients."""
         a, b = fast["A"], fast["B"]
-        mbs = x["k"].shape[2]
-        h_qk = _mm(x["qk"], a)
-        h_q0, h_k = h_qk[:, :, :mbs], h_qk[:, :, mbs:]
-        err_sq, dz = self.loss_grad(x["extra"] + _mm(h_k, b), x["k"], x["v"])
-        dz = clip_by_norm(dz, grad_clip)
+        h_k = _mm(x["k"], a)
+        dz = clip_by_norm(x["extra"] + _mm(h_k, b) - x["v"], grad_clip)
         g1 = jnp.einsum("bhkc,bhrc->bhkr", dz, b)
-        h_q = h_q0 - _attn(x["a_qk"], g1)
-        zbar = _mm(h_q, b) - _attn(x["eta"] * _gram(h_q, h_k), dz)
-        eta_last = x["eta_last"][..., None]
         new = {
-            "A": a - jnp.einsum("bhjc,bhjr->bhcr", eta_last * x["k"], g1),
-            "B": b - jnp.einsum("bhjr,bhjc->bhrc", eta_last * h_k, dz),
+            "A": a - jnp.einsum("bhjc,bhjr->bhcr", x["k_eta"], g1),
+            "B": b - jnp.einsum("bhjr,bhjc->bhrc", x["eta_last"][..., None] * h_k, dz),
         }
-        err_sq_after = self.loss(x["extra"] + _mm(_mm(x["k"], new["A"]), new["B"]), x["k"], x["v"])
-        return zbar, new, {"err_sq": err_sq, "err_sq_after": err_sq_after}
+        return new, {"A": a, "B": b, "h_k": h_k, "dz": dz, "g1": g1}
+
+    def fused_outputs(self, xs, aux):
+        mm = lambda x, w: jnp.einsum("mbhka,mbhac->mbhkc", x, w)
+        attn = lambda e, g: jnp.einsum("mbhij,mbhjd->mbhid", e, g)
+        h_q0 = mm(xs["q"], aux["A"])
+        h_q = h_q0 - attn(xs["a_qk"], aux["g1"])
+        gram = jnp.einsum("mbhid,mbhjd->mbhij", h_q, aux["h_k"])
+        return mm(h_q, aux["B"]) - attn(xs["eta"] * gram, aux["dz"]), mm(h_q0, aux["B"])
 
     def fused_losses(self, xs, aux):
-        return aux["err_sq"], aux["err_sq_after"]
+        mm = lambda x, w: jnp.einsum("mbhka,mbhac->mbhkc", x, w)
+        a1 = aux["A"] - jnp.einsum("mbhjc,mbhjr->mbhcr", xs["k_eta"], aux["g1"])
+        b1 = aux["B"] - jnp.einsum("mbhjr,mbhjc->mbhrc", xs["eta_last"][..., None] * aux["h_k"], aux["dz"])
+        before = self.loss(xs["extra"] + mm(aux["h_k"], aux["B"]), xs["k"], xs["v"])
+        return before, self.loss(xs["extra"] + mm(mm(xs["k"], a1), b1), xs["k"], xs["v"])
 
 
 def _finite_b(x) -> jax.Array:
@@ -266,30 +299,22 @@ def dual_scan(
     with_reset = "seen" in xs
     fused = getattr(model, "fused_step", None) is not None and not with_reset and num_steps >= 1
 
-    def fused_body(carry, x):
-        packed, skipped = carry
-        zbar, new_packed, aux = model.fused_step(packed, x, grad_clip)
+    def fused_body(packed, x):
+        new_packed, aux = model.fused_step(packed, x, grad_clip)
         new = model.unpack(new_packed)
         losses_rest = []
         for _ in range(num_steps - 1):
             new, _ = _gradient_step(model, new, x["k"], x.get("extra"), x["v"], x["eta_last"], grad_clip)
             losses_rest.append(_masked_token_mean(_token_loss(model, new, x["k"], x.get("extra"), x["v"]), x["valid"]))
         new_packed = model.pack(new)
-        finite = _finite_b(zbar)
+        ok = None
         for leaf in jax.tree.leaves(new_packed):
-            finite = finite & _finite_b(leaf)
+            ok = _finite_b(leaf) if ok is None else ok & _finite_b(leaf)
         # Only non-finite updates are selected away: with λ = 0 the update is an exact zero (W − 0 = W), and
         # leaving it in keeps d(weights)/dλ at λ = 0 for continuous gates.
-        ok = finite
         new_packed = jax.tree.map(lambda n, o: _where_b(ok, n, o), new_packed, packed)
-        zbar = jax.lax.cond(
-            jnp.all(finite),
-            lambda: zbar,
-            lambda: _where_b(finite, zbar, model.query(model.unpack(packed), x["q"], x.get("extra"))),
-        )
-        skipped = skipped + (x["active"] & ~finite).astype(jnp.int32)
-        ys = {"zbar": zbar, "aux": aux, "ok": ok, "loss_rest": jnp.stack(losses_rest, -1) if losses_rest else None}
-        return (new_packed, skipped), ys
+        ys = {"aux": aux, "ok": ok, "loss_rest": jnp.stack(losses_rest, -1) if losses_rest else None}
+        return new_packed, ys
 
     def body(carry, x):
         fast, skipped = carry
@@ -325,74 +350,95 @@ def dual_scan(
             losses_after.append(_masked_token_mean(err_sq, valid))
         losses_after.append(_masked_token_mean(_token_loss(model, new, k, extra, v), valid))
 
-        finite = _all_finite_b(new) & jnp.all(jnp.isfinite(zbar.reshape(zbar.shape[0], -1)), axis=1)
-        active = x["active"]
-        new = _tree_where_b(finite, new, base)  # λ = 0 gives an exact zero update (see fused_body)
+        ok = _all_finite_b(new)
+        new = _tree_where_b(ok, new, base)  # λ = 0 gives an exact zero update (see fused_body)
+        use = ok & _finite_b(zbar)  # skipped update or non-finite outputs: the no-update outputs
 
         def fallback():
             plain = model.query(fast, q, extra)
             if with_reset:
                 plain = jnp.where(seen[:, None, :, None], model.query(fast_init, q, extra), plain)
-            return _where_b(finite, zbar, plain)
+            return _where_b(use, zbar, plain)
 
-        zbar = jax.lax.cond(jnp.all(finite), lambda: zbar, fallback)
-        skipped = skipped + (active & ~finite).astype(jnp.int32)
+        zbar = jax.lax.cond(jnp.all(use), lambda: zbar, fallback)
+        skipped = skipped + (x["active"] & ~ok).astype(jnp.int32)
         return (new, skipped), {"zbar": zbar, "loss_step0": loss_step0, "loss_after": jnp.stack(losses_after, -1)}
 
     if fused:
         xs = {**xs, **model.fused_inputs(xs)}
-    step_fn = fused_body if fused else body
+        keys = model.fused_scan_keys + (("k", "v", "extra", "eta_last", "valid") if num_steps > 1 else ())
+        scan_xs = {key: xs[key] for key in dict.fromkeys(keys) if key in xs}
+        carry0 = model.pack(fast)
+        final, ys = _scan(fused_body, carry0, scan_xs, remat_group, unroll=FUSED_UNROLL)
+        return (model.unpack(final), *_fused_finish(model, xs, ys))
+
     batch = xs["q"].shape[1]
-    carry0 = (model.pack(fast) if fused else fast, jnp.zeros((batch,), jnp.int32))
-    num_mb = xs["q"].shape[0]
+    (final, skipped), ys = _scan(body, (fast, jnp.zeros((batch,), jnp.int32)), xs, remat_group)
+    return final, skipped, ys
+
+
+# Mini-batches per iteration of the fused scan's loop (lax.scan `unroll`): fewer loop iterations and
+# larger straight-line bodies for XLA; the arithmetic is the same.
+FUSED_UNROLL = 1
+
+
+def _scan(step_fn, carry0, xs, remat_group, unroll=1):
+    """lax.scan of step_fn over the leading axis of xs; with remat_group = g, an outer scan over groups of g
+    mini-batches whose inner scan is rematerialised (the backward pass stores the carry at group boundaries)."""
+    num_mb = jax.tree.leaves(xs)[0].shape[0]
     if remat_group is None or remat_group >= num_mb:
         step = jax.checkpoint(step_fn) if remat_group is not None else step_fn
-        (final, skipped), ys = jax.lax.scan(step, carry0, xs)
-    else:
-        # Remat over groups: an outer scan over groups of `remat_group` mini-batches whose inner scan is
-        # rematerialised, so the backward pass stores only the carry at group boundaries.
-        groups = -(-num_mb // remat_group)
-        pad = groups * remat_group - num_mb
+        return jax.lax.scan(step, carry0, xs, unroll=min(unroll, num_mb))
+    groups = -(-num_mb // remat_group)
+    pad = groups * remat_group - num_mb
 
-        def pad_and_group(a):
-            a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
-            return a.reshape(groups, remat_group, *a.shape[1:])
+    def pad_and_group(a):
+        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+        return a.reshape(groups, remat_group, *a.shape[1:])
 
-        @jax.checkpoint
-        def group_body(carry, group_xs):
-            return jax.lax.scan(step_fn, carry, group_xs)
+    @jax.checkpoint
+    def group_body(carry, group_xs):
+        return jax.lax.scan(step_fn, carry, group_xs, unroll=min(unroll, remat_group))
 
-        (final, skipped), ys = jax.lax.scan(group_body, carry0, jax.tree.map(pad_and_group, xs))
-        ys = jax.tree.map(lambda a: a.reshape(groups * remat_group, *a.shape[2:])[:num_mb], ys)
-    if not fused:
-        return final, skipped, ys
+    carry, ys = jax.lax.scan(group_body, carry0, jax.tree.map(pad_and_group, xs))
+    return carry, jax.tree.map(lambda a: a.reshape(groups * remat_group, *a.shape[2:])[:num_mb], ys)
 
-    # Losses of the fused path, batched over all mini-batches outside the scan.
+
+def _fused_finish(model, xs, ys):
+    """Outputs, skip counts and losses of the fused path, batched over all mini-batches after the scan."""
+    ok = ys["ok"]  # [M, B]: the update's new weights are finite (else the weights stayed as they were)
+    zbar, zbar_no_update = model.fused_outputs(xs, ys["aux"])
+    # A mini-batch whose update was skipped, or whose outputs are not finite, gets the no-update outputs.
+    use = ok & jax.vmap(_finite_b)(zbar)
+    zbar = jnp.where(use[:, :, None, None, None], zbar, zbar_no_update)
+    skipped = jnp.sum((xs["active"] & ~ok).astype(jnp.int32), axis=0)
     err_sq0, err_sq1 = model.fused_losses(xs, ys["aux"])
     valid = xs["valid"][:, None, :]  # [M, 1, K]
     token_mean = lambda e: jnp.sum(jnp.sum(e, axis=2) * valid, -1) / jnp.maximum(jnp.sum(valid, -1), 1.0)
     loss_step0 = token_mean(err_sq0)  # [M, B]
-    loss_after = [jnp.where(ys["ok"], token_mean(err_sq1), loss_step0)]  # skipped updates: weights unchanged
+    loss_after = [jnp.where(ok, token_mean(err_sq1), loss_step0)]  # skipped updates: weights unchanged
     if ys["loss_rest"] is not None:
         loss_after += list(jnp.moveaxis(ys["loss_rest"], -1, 0))
-    out = {"zbar": ys["zbar"], "loss_step0": loss_step0, "loss_after": jnp.stack(loss_after, -1)}
-    return model.unpack(final), skipped, out
+    return skipped, {"zbar": zbar, "loss_step0": loss_step0, "loss_after": jnp.stack(loss_after, -1)}
 
 
 # ----------------------------------------------------------------------------------------------------
 # Primal form: token by token, explicit per-token weights. Used for decoding and to test the dual form.
 
 
-def primal_state(fast: Fast, batch: int, heads: int, dim: int, mini_batch_size: int, with_extra: bool):
+def primal_state(
+    fast: Fast, batch: int, heads: int, dim: int, mini_batch_size: int, with_extra: bool, dtype=jnp.float32
+):
     """Decode state at the start of a mini-batch: fast weights at the mini-batch start, the accumulated
     r_j-weighted gradients, and the mini-batch's keys/values/learning rates for extra inner steps."""
-    buf = lambda: jnp.zeros((batch, heads, mini_batch_size, dim), jnp.float32)
+    buf = lambda: jnp.zeros((batch, heads, mini_batch_size, dim), dtype)
+    fast = jax.tree.map(lambda a: a.astype(dtype), fast)
     state = {
         "fast": fast,
         "acc": jax.tree.map(jnp.zeros_like, fast),
         "k": buf(),
         "v": buf(),
-        "lr": jnp.zeros((batch, heads, mini_batch_size), jnp.float32),
+        "lr": jnp.zeros((batch, heads, mini_batch_size), dtype),
         "pos": jnp.zeros((), jnp.int32),
         "skipped": jnp.zeros((batch,), jnp.int32),
     }
@@ -435,11 +481,11 @@ def primal_step(
     finite_now = _all_finite_b(weights_now) & jnp.all(jnp.isfinite(zbar.reshape(zbar.shape[0], -1)), axis=1)
     zbar = _where_b(finite_now, zbar, model.query(fast0, tok["q"], None))
 
-    put = lambda buf, val: jax.lax.dynamic_update_slice_in_dim(buf, val, pos, axis=2)
+    put = lambda buf, val: jax.lax.dynamic_update_slice_in_dim(buf, val.astype(buf.dtype), pos, axis=2)
     new = dict(st)
     new["k"] = put(st["k"], tok["k"])
     new["v"] = put(st["v"], tok["v"])
-    new["lr"] = jax.lax.dynamic_update_slice_in_dim(lr_buf, tok["lr"][..., None], pos, axis=2)
+    new["lr"] = put(lr_buf, tok["lr"][..., None])
     if extra is not None:
         new["extra"] = put(st["extra"], extra)
 
@@ -468,7 +514,7 @@ def primal_scan(model, fast: Fast, fast_init: Fast, toks: dict[str, Any], *, tok
     mini-batch. Returns (final fast weights, skipped [B], zbar [T, B, h, 1, d])."""
     t = toks["q"].shape[0]
     b, h, _, d = toks["q"].shape[1:]
-    st = primal_state(fast, b, h, d, token_scale.shape[0], toks.get("extra") is not None)
+    st = primal_state(fast, b, h, d, token_scale.shape[0], toks.get("extra") is not None, toks["q"].dtype)
     ends = jnp.asarray(np.arange(t) == t - 1)
 
     def body(st, x):

@@ -53,11 +53,13 @@ class TTTStats:
     skipped_updates: jax.Array  # [B] int32: updates dropped because they were not finite
 
 
-def expand_gating_scale(gating_scale, batch: int, num_mb: int, num_chunks: int, mb_per_chunk: int) -> jax.Array:
-    """None | scalar | [B] | [B, n_chunks] | [B, n_minibatches] -> λ [B, M] float32."""
+def expand_gating_scale(
+    gating_scale, batch: int, num_mb: int, num_chunks: int, mb_per_chunk: int, dtype=jnp.float32
+) -> jax.Array:
+    """None | scalar | [B] | [B, n_chunks] | [B, n_minibatches] -> λ [B, M] (float32 unless dtype says otherwise)."""
     if gating_scale is None:
-        return jnp.ones((batch, num_mb), jnp.float32)
-    lam = jnp.asarray(gating_scale, jnp.float32)
+        return jnp.ones((batch, num_mb), dtype)
+    lam = jnp.asarray(gating_scale, dtype)
     if lam.ndim == 0:
         return jnp.full((batch, num_mb), lam)
     if lam.ndim == 1 and lam.shape[0] == batch:
@@ -96,12 +98,15 @@ def run_dual(
     token_scale,
     *,
     extra=None,
+    rope=None,
     gating_scale=None,
     num_steps: int = 1,
     reset_mask=None,
     chunk_size: int | None = None,
 ):
-    """Dual-form TTT over a sequence. q, k, v, extra: [B, T, h, d] float32 (after RoPE); lr: [B, h, T].
+    """Dual-form TTT over a sequence. q, k, v, extra: [B, T, h, d] in the inner dtype; lr: [B, h, T].
+    rope: None, or the tables (cos, sin) [K, d / 2] to rotate q and k by their position in the mini-batch
+    (t mod K); applied here, in the mini-batch layout, where that position is an axis (no gather).
 
     Returns (per-head outputs [B, T, h, d], TTTStats)."""
     if not isinstance(num_steps, int) or num_steps < 0:
@@ -115,42 +120,45 @@ def run_dual(
     padded = num_mb * mbs
     mb_per_chunk = chunk_size // mbs
     num_chunks = -(-seq // chunk_size)
-    lam = expand_gating_scale(gating_scale, batch, num_mb, num_chunks, mb_per_chunk)  # [B, M]
+    lam = expand_gating_scale(gating_scale, batch, num_mb, num_chunks, mb_per_chunk, q.dtype)  # [B, M]
 
     def to_mb(a):  # [B, T, h, d] -> [M, B, h, K, d]
         a = jnp.pad(a, ((0, 0), (0, padded - seq), (0, 0), (0, 0)))
         return a.reshape(batch, num_mb, mbs, heads, a.shape[-1]).transpose(1, 0, 3, 2, 4)
 
-    xs: dict[str, Any] = {"q": to_mb(q), "k": to_mb(k), "v": to_mb(v), "extra": None if extra is None else to_mb(extra)}
+    ftype = q.dtype
+    q_mb, k_mb = to_mb(q), to_mb(k)
+    if rope is not None:
+        q_mb, k_mb = ops.apply_rope(q_mb, *rope), ops.apply_rope(k_mb, *rope)
+    xs: dict[str, Any] = {"q": q_mb, "k": k_mb, "v": to_mb(v), "extra": None if extra is None else to_mb(extra)}
     valid_np = (np.arange(padded) < seq).reshape(num_mb, mbs)
-    xs["valid"] = jnp.asarray(valid_np, jnp.float32)
+    xs["valid"] = jnp.asarray(valid_np, ftype)
     tokens_m = valid_np.sum(axis=1).astype(np.int32)
     xs["active"] = (lam.T != 0) & jnp.asarray(tokens_m > 0)[:, None]
 
     lr_mb = jnp.pad(lr, ((0, 0), (0, 0), (0, padded - seq))).reshape(batch, heads, num_mb, mbs).transpose(2, 0, 1, 3)
-    tril = jnp.asarray(np.tril(np.ones((mbs, mbs), np.float32)))
+    tril = jnp.asarray(np.tril(np.ones((mbs, mbs))), ftype)
     # η[m, b, h, i, j] = s_i · r_j · λ[b, m] on j <= i (and, with resets, i and j in the same document).
     eta = token_scale[:, None] * lr_mb[..., None, :] * tril * lam.T[:, :, None, None, None]
     if reset_mask is not None:
         reset = jnp.pad(jnp.asarray(reset_mask, bool), ((0, 0), (0, padded - seq)))
         doc = jnp.cumsum(reset.astype(jnp.int32), axis=1).reshape(batch, num_mb, mbs).transpose(1, 0, 2)
-        eta = eta * (doc[..., :, None] == doc[..., None, :])[:, :, None].astype(jnp.float32)
+        eta = eta * (doc[..., :, None] == doc[..., None, :])[:, :, None].astype(ftype)
         xs["seen"] = jnp.cumsum(reset.reshape(batch, num_mb, mbs).transpose(1, 0, 2).astype(jnp.int32), -1) > 0
-    last_row = jnp.asarray(np.eye(mbs, dtype=np.float32)[tokens_m - 1])  # [M, K] one-hot of the last real row
+    last_row = jnp.asarray(np.eye(mbs)[tokens_m - 1], ftype)  # [M, K] one-hot of the last real row
     xs["eta"] = eta
     xs["eta_last"] = jnp.einsum("mbhij,mi->mbhj", eta, last_row)
     gram = jnp.einsum("mbhid,mbhjd->mbhij", xs["q"], xs["k"])
     xs["a_qk"] = eta * (gram + 1.0) if model.has_bias else eta * gram
 
-    fast_init_b = jax.tree.map(lambda a: jnp.broadcast_to(a[None], (batch, *a.shape)), fast_init)
-    # Loss at the initial weights, for all tokens at once in the [B, h, T, d] layout (no scan needed).
-    by_head = lambda a: None if a is None else jnp.pad(a, ((0, 0), (0, padded - seq), (0, 0), (0, 0))).swapaxes(1, 2)
-    k_bh, v_bh, extra_bh = by_head(k), by_head(v), by_head(extra)
-    z_init = model.forward(fast_init_b, k_bh, extra_bh)  # [B, h, T', d]
-    err_init = jnp.sum(model.loss(z_init, k_bh, v_bh), axis=1).reshape(batch, num_mb, mbs)
-    loss_init = jnp.sum(err_init * xs["valid"][None], -1) / tokens_m[None, :]  # [B, M]
+    fast = jax.tree.map(lambda a: a.astype(ftype), fast)
+    fast_init_b = jax.tree.map(lambda a: jnp.broadcast_to(a[None].astype(ftype), (batch, *a.shape)), fast_init)
+    # Loss at the initial weights, for all mini-batches at once (no scan needed).
+    z_init = jax.vmap(lambda k_m, e_m: model.forward(fast_init_b, k_m, e_m))(xs["k"], xs["extra"])  # [M, B, h, K, d]
+    err_init = jnp.sum(model.loss(z_init, xs["k"], xs["v"]), axis=2)  # [M, B, K]
+    loss_init = (jnp.sum(err_init * xs["valid"][:, None], -1) / tokens_m[:, None]).T  # [B, M]
     if reset_mask is not None:
-        xs["z_init"] = z_init.reshape(batch, heads, num_mb, mbs, -1).transpose(2, 0, 1, 3, 4)
+        xs["z_init"] = z_init
 
     if xs["extra"] is None:
         del xs["extra"]
@@ -197,8 +205,10 @@ def _normal(rngs: nnx.Rngs, shape, std: float) -> jax.Array:
 
 class _FastWeightLayer(nnx.Module):
     """The call / primal / decode protocol shared by every layer. Subclasses provide:
-    `_views(x, positions, conv_history)` -> q, k, v, extra ([B, T, h, d] float32 or None), lr [B, h, T], aux,
-    new conv history; `_finish(out [B, T, h, d], aux, dtype)` -> y; `_model()`; `_fast_init()`."""
+    `_views(x, positions, conv_history)` -> q, k, v, extra ([B, T, h, d] in the inner dtype, or None), lr [B, h, T],
+    aux, new conv history (positions None: q and k are returned without RoPE, which the dual form applies in its
+    mini-batch layout with `_rope_tables()`); `_finish(out [B, T, h, d], aux, dtype)` -> y; `_model()`;
+    `_fast_init()`."""
 
     cfg: TTTConfig
 
@@ -214,8 +224,11 @@ class _FastWeightLayer(nnx.Module):
     def _fast_init(self) -> Fast:
         raise TypeError(f"{type(self).__name__} must define _fast_init()")
 
-    def _token_scale(self):
-        return ops.token_scale(self.cfg.mini_batch_size, self.token_idx_offset[...])
+    def _token_scale(self, dtype=jnp.float32):
+        return ops.token_scale(self.cfg.mini_batch_size, self.token_idx_offset[...], dtype)
+
+    def _rope_tables(self, dtype=jnp.float32):
+        return None
 
     def _check_input(self, x_btc):
         if x_btc.ndim != 3 or x_btc.shape[-1] != self.cfg.hidden_size:
@@ -230,8 +243,7 @@ class _FastWeightLayer(nnx.Module):
     def __call__(self, x_btc, *, gating_scale=None, num_steps: int = 1, state=None, reset_mask=None, chunk_size=None):
         """y [B, T, C] (dtype of x), TTTStats. See the package README for every argument."""
         self._check_input(x_btc)
-        positions = np.arange(x_btc.shape[1]) % self.cfg.mini_batch_size
-        q, k, v, extra, lr, aux, _ = self._views(x_btc, positions, None)
+        q, k, v, extra, lr, aux, _ = self._views(x_btc, None, None)
         fast = self.init_state(x_btc.shape[0]) if state is None else state
         out, stats = run_dual(
             self._model(),
@@ -242,8 +254,9 @@ class _FastWeightLayer(nnx.Module):
             lr,
             fast,
             self._fast_init(),
-            self._token_scale(),
+            self._token_scale(q.dtype),
             extra=extra,
+            rope=self._rope_tables(q.dtype),
             gating_scale=gating_scale,
             num_steps=num_steps,
             reset_mask=reset_mask,
@@ -259,7 +272,7 @@ class _FastWeightLayer(nnx.Module):
         q, k, v, extra, lr, aux, _ = self._views(x_btc, np.arange(t) % cfg.mini_batch_size, None)
         num_mb = -(-t // cfg.mini_batch_size)
         mb_per_chunk = cfg.chunk_size // cfg.mini_batch_size
-        lam = expand_gating_scale(gating_scale, b, num_mb, -(-t // cfg.chunk_size), mb_per_chunk)
+        lam = expand_gating_scale(gating_scale, b, num_mb, -(-t // cfg.chunk_size), mb_per_chunk, q.dtype)
         lam_t = jnp.repeat(lam, cfg.mini_batch_size, axis=1)[:, :t]  # [B, T]
         tok = lambda a: a.transpose(1, 0, 2, 3)[:, :, :, None, :]  # [B, T, h, d] -> [T, B, h, 1, d]
         toks = {
@@ -276,7 +289,7 @@ class _FastWeightLayer(nnx.Module):
             self.init_state(b) if state is None else state,
             self.init_state(b),
             toks,
-            token_scale=self._token_scale(),
+            token_scale=self._token_scale(q.dtype),
             num_steps=num_steps,
             grad_clip=cfg.inner_grad_clip,
         )
@@ -290,7 +303,8 @@ class _FastWeightLayer(nnx.Module):
         """State for `decode_step`, at a mini-batch boundary (position 0), from `state` or fresh weights."""
         fast = self.init_state(batch_size) if state is None else state
         heads, dim = self._model_shape()
-        st = primal_state(fast, batch_size, heads, dim, self.cfg.mini_batch_size, self._has_extra)
+        dtype = ops.inner_dtype(jax.tree.leaves(fast)[0].dtype)  # float32, or float64 for float64 weights
+        st = primal_state(fast, batch_size, heads, dim, self.cfg.mini_batch_size, self._has_extra, dtype)
         history = self._conv_history(batch_size)
         if history is not None:
             st["conv"] = history
@@ -303,7 +317,7 @@ class _FastWeightLayer(nnx.Module):
         b = x_b1c.shape[0]
         pos = dstate["pos"]
         q, k, v, extra, lr, aux, history = self._views(x_b1c, pos[None], dstate.get("conv"))
-        lam = expand_gating_scale(gating_scale, b, 1, 1, 1)[:, 0]
+        lam = expand_gating_scale(gating_scale, b, 1, 1, 1, q.dtype)[:, 0]
         per_token = lambda a: a.transpose(0, 2, 1, 3)  # [B, 1, h, d] -> [B, h, 1, d]
         tok = {
             "q": per_token(q),
@@ -320,7 +334,7 @@ class _FastWeightLayer(nnx.Module):
             core,
             self.init_state(b),
             tok,
-            token_scale=self._token_scale(),
+            token_scale=self._token_scale(q.dtype),
             num_steps=num_steps,
             grad_clip=self.cfg.inner_grad_clip,
         )
@@ -382,13 +396,18 @@ class _TTTHeadsBase(_FastWeightLayer):
             k = ops.causal_depthwise_conv(xq, self.conv_k_weight[...], self.conv_k_bias[...])[:, -t:]
         else:
             q, k = got["q_proj"], got["k_proj"]
-        heads = lambda a: a.astype(jnp.float32).reshape(b, t, cfg.num_heads, cfg.head_dim)
-        cos, sin = ops.rope_tables(cfg.mini_batch_size, cfg.head_dim, cfg.rope_theta)
-        cos, sin = cos[positions][None, :, None], sin[positions][None, :, None]
-        q = ops.apply_rope(heads(q), cos, sin)
-        k = ops.apply_rope(heads(k), cos, sin)
-        lr = ops.token_lr(x_btc, self.lr_weight[...], self.lr_bias[...], cfg.base_lr, cfg.head_dim)
+        ftype = ops.inner_dtype(dt)
+        heads = lambda a: a.astype(ftype).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        q, k = heads(q), heads(k)
+        if positions is not None:
+            cos, sin = self._rope_tables(ftype)
+            cos, sin = cos[positions][None, :, None], sin[positions][None, :, None]
+            q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
+        lr = ops.token_lr(x_btc, self.lr_weight[...], self.lr_bias[...], cfg.base_lr, cfg.head_dim, ftype)
         return q, k, heads(got["v_proj"]), None, lr, got.get("g_proj"), new_history
+
+    def _rope_tables(self, dtype=jnp.float32):
+        return ops.rope_tables(self.cfg.mini_batch_size, self.cfg.head_dim, self.cfg.rope_theta, dtype)
 
     def _finish(self, out_bthd, gate_in, dtype):
         cfg = self.cfg
@@ -473,10 +492,11 @@ class LoRATTT(_FastWeightLayer):
         del positions, conv_history
         b, t, c = x_btc.shape
         q, k, v = jnp.split(x_btc @ self.qkv_proj[...].astype(x_btc.dtype), 3, axis=-1)
-        one_head = lambda a: a.astype(jnp.float32).reshape(b, t, 1, c)
+        ftype = ops.inner_dtype(x_btc.dtype)
+        one_head = lambda a: a.astype(ftype).reshape(b, t, 1, c)
         k = one_head(k)
-        extra = k @ self.frozen_proj[...]
-        lr = ops.token_lr(x_btc, self.lr_weight[...], self.lr_bias[...], self.cfg.base_lr, c)
+        extra = k @ self.frozen_proj[...].astype(ftype)
+        lr = ops.token_lr(x_btc, self.lr_weight[...], self.lr_bias[...], self.cfg.base_lr, c, ftype)
         return one_head(q), k, one_head(v), extra, lr, None, None
 
     def _finish(self, out_bthd, aux, dtype):

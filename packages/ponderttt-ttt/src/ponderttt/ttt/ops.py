@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+def inner_dtype(x_dtype) -> jnp.dtype:
+    """dtype of the inner loop, fast weights and stats for inputs of x_dtype: float32, or float64 for float64
+    inputs (with jax_enable_x64; bfloat16 / float16 activations keep a float32 inner loop)."""
+    return jnp.dtype(jnp.float64) if jnp.dtype(x_dtype) == jnp.float64 else jnp.dtype(jnp.float32)
 
 
 def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
@@ -18,11 +25,13 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=True)
 
 
-def rope_tables(mini_batch_size: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [mini_batch_size, head_dim // 2] for positions 0..mini_batch_size-1 (float32)."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles = jnp.arange(mini_batch_size, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-    return jnp.cos(angles), jnp.sin(angles)
+def rope_tables(mini_batch_size: int, head_dim: int, theta: float, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [mini_batch_size, head_dim // 2] for positions 0..mini_batch_size-1, computed in float64 NumPy
+    at trace time and rounded to dtype: constants of the compiled program (XLA would otherwise fuse cos/sin
+    into every consumer and evaluate them once per element of q and k)."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    angles = np.arange(mini_batch_size, dtype=np.float64)[:, None] * inv_freq[None, :]
+    return jnp.asarray(np.cos(angles), dtype), jnp.asarray(np.sin(angles), dtype)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -50,17 +59,19 @@ def causal_depthwise_conv(x_btc: jax.Array, weight_kc: jax.Array, bias_c: jax.Ar
     return out
 
 
-def token_scale(mini_batch_size: int, token_idx_offset: jax.Array) -> jax.Array:
+def token_scale(mini_batch_size: int, token_idx_offset: jax.Array, dtype=jnp.float32) -> jax.Array:
     """max(1/(i+1) + δ_i, 0) for positions i = 0..mini_batch_size-1: the row factor of η."""
-    base = 1.0 / jnp.arange(1, mini_batch_size + 1, dtype=jnp.float32)
-    return jnp.maximum(base + token_idx_offset.astype(jnp.float32), 0.0)
+    base = 1.0 / jnp.arange(1, mini_batch_size + 1, dtype=dtype)
+    return jnp.maximum(base + token_idx_offset.astype(dtype), 0.0)
 
 
-def token_lr(x_btc: jax.Array, lr_weight_hc: jax.Array, lr_bias_h: jax.Array, base_lr: float, head_dim: int):
-    """base_lr · σ(x_j·w_h + c_h) / head_dim, [B, h, T] float32: the column factor of η."""
+def token_lr(
+    x_btc: jax.Array, lr_weight_hc: jax.Array, lr_bias_h: jax.Array, base_lr: float, head_dim: int, dtype=jnp.float32
+):
+    """base_lr · σ(x_j·w_h + c_h) / head_dim, [B, h, T] in dtype: the column factor of η."""
     # x @ wᵀ then a transpose of the small [B, T, h] result (an einsum straight to [B, h, T] transposes x)
-    logits = (x_btc.astype(jnp.float32) @ lr_weight_hc.astype(jnp.float32).T).swapaxes(1, 2)
-    return base_lr * jax.nn.sigmoid(logits + lr_bias_h.astype(jnp.float32)[None, :, None]) / head_dim
+    logits = (x_btc.astype(dtype) @ lr_weight_hc.astype(dtype).T).swapaxes(1, 2)
+    return base_lr * jax.nn.sigmoid(logits + lr_bias_h.astype(dtype)[None, :, None]) / head_dim
 
 
 def clip_by_norm(g: jax.Array, max_norm: float | None) -> jax.Array:
