@@ -83,16 +83,17 @@ def test_unknown_command_is_a_usage_error():
     assert "unknown command 'train-everything'" in proc.stderr
 
 
-def test_unimplemented_stage_says_so_and_writes_nothing(tmp_path):
+def test_evaluate_without_benchmarks_says_what_it_needs_and_writes_nothing(tmp_path):
     run = tmp_path / "out" / "r"
-    (run / "checkpoints" / "ttt" / "3").mkdir(parents=True)  # what `evaluate` needs on disk
+    (run / "checkpoints" / "ttt" / "3").mkdir(parents=True)  # what `evaluate` needs of the run
     (run / "config.json").write_text("{}")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     proc = run_app("evaluate", "--preset", "smoke", "--output-dir", str(tmp_path / "out"), "--name", "r")
-    assert proc.returncode == cli.EXIT_UNAVAILABLE, proc.stderr
-    assert "not available yet" in proc.stderr
-    assert "`evaluate` is not (fully) available in ponderttt-train" in proc.stderr
-    assert "Nothing was trained or written" in proc.stderr
+    assert proc.returncode == cli.EXIT_USAGE, proc.stderr
+    assert "`evaluate` needs --evaluate.benchmark-dir DIR" in proc.stderr
+    proc = run_app("evaluate", "--preset", "smoke", "--output-dir", str(tmp_path / "out"), "--name", "r",
+                   "--evaluate.benchmark-dir", str(tmp_path / "none"))
+    assert proc.returncode == cli.EXIT_USAGE and "none: missing directory" in proc.stderr
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 

@@ -16,7 +16,6 @@ from ponderttt.train.config import COMMANDS, DEFAULT_PRESET, PRESET_NAMES, Confi
 
 PROG = "uv run apps/train"
 EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 3
 
 SUMMARIES = {
     "pipeline": "the whole workflow on the embedded default: data, backbone, adapter, gates, compare, report",
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if args and args[0] == "--version":
         print(f"ponderttt-train {importlib.metadata.version('ponderttt-train')}")
         return 0
-    from ponderttt.train.stages import StageUnavailable, run_command
+    from ponderttt.train.stages import run_command
 
     try:
         command, preset_name, config = parse(args)
@@ -113,9 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except StageUnavailable as error:
-        print(f"not available yet: {error}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
 
 
 if __name__ == "__main__":

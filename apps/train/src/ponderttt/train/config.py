@@ -464,6 +464,8 @@ class PipelineCommand:
     gate: GateConfig = GateConfig()
     compare: CompareConfig = CompareConfig()
     analyze: AnalyzeConfig = AnalyzeConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    """Benchmarks after the comparison, when --evaluate.benchmark-dir is given."""
 
     def __post_init__(self) -> None:
         _check_compared_gates_are_trained(self.gate, self.compare)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import json
 import os
 import pathlib
@@ -13,24 +12,7 @@ from ponderttt.train import distributed
 from ponderttt.train.config import SCALE_DIRS, TRAINABLE_GATES, ConfigError, to_dict
 from ponderttt.train.rundir import RunDir, config_hash, require_backbone_dir, resolve_run_dir
 
-
-class StageUnavailable(RuntimeError):
-    """The command's stage is not implemented in this version of the app."""
-
-
-# What each stage composes, for the message while it is not implemented.
-STAGE_NEEDS = {
-    "evaluate": "generation with TTT wired to ponderttt-eval's benchmarks and sandboxed execution",
-}
 LATER_STAGES = ("gate", "compare", "analyze", "evaluate")  # commands that work on an existing run
-
-
-def unavailable(stage: str, done: str | None = None) -> StageUnavailable:
-    version = importlib.metadata.version("ponderttt-train")
-    outcome = f"What ran: {done}." if done else "Nothing was trained or written."
-    return StageUnavailable(
-        f"`{stage}` is not (fully) available in ponderttt-train {version}: missing {STAGE_NEEDS[stage]}. {outcome}"
-    )
 
 
 def _check_backbone(config: Any) -> None:
@@ -69,9 +51,22 @@ def check_prerequisites(command: str, preset: str, config: Any) -> None:
             for gate in config.compare.methods:
                 if gate in IMPLEMENTED:
                     run.require_checkpoint(f"gate_{gate}", produced_by="gate")
-    if command == "evaluate" and config.evaluate.benchmark_dir is not None:
-        if not pathlib.Path(config.evaluate.benchmark_dir).is_dir():
-            raise ConfigError(f"--evaluate.benchmark-dir={config.evaluate.benchmark_dir}: missing directory")
+    if command == "evaluate" and config.evaluate.benchmark_dir is None:
+        raise ConfigError("`evaluate` needs --evaluate.benchmark-dir DIR holding <benchmark>.jsonl files "
+                          "(benchmarks are read from local files)")
+    if command in ("evaluate", "pipeline") and config.evaluate.benchmark_dir is not None:
+        _check_benchmarks(config.evaluate)
+
+
+def _check_benchmarks(evaluate: Any) -> None:
+    """Every benchmark file is present and code execution is allowed, before anything is trained or generated."""
+    from ponderttt.train.evaluate import benchmark_file, require_code_consent
+
+    if not pathlib.Path(evaluate.benchmark_dir).is_dir():
+        raise ConfigError(f"--evaluate.benchmark-dir={evaluate.benchmark_dir}: missing directory")
+    for name in evaluate.benchmarks:
+        benchmark_file(evaluate.benchmark_dir, name)
+    require_code_consent(evaluate.benchmarks)
 
 
 _JOINED: list[Any] = []  # the platform config this process joined with (reproduce starts several runs)
@@ -324,8 +319,6 @@ def run_command(command: str, preset: str, config: Any) -> int:
     if command == "reproduce":
         run_reproduce(preset, config)
         return 0
-    if command == "evaluate":
-        raise unavailable(command)
     from ponderttt.train.adapter import load_adapter
 
     run_dir, mesh = start(command, preset, config)
@@ -333,6 +326,10 @@ def run_command(command: str, preset: str, config: Any) -> int:
     model = load_adapter(_model_with_adapter(config, run_dir, mesh, tok), run_dir)
     if command == "gate":
         run_gates(config, run_dir, mesh, tok, model)
+    elif command == "evaluate":
+        from ponderttt.train.evaluate import run_evaluate
+
+        run_evaluate(config, run_dir, mesh, tok, model)
     elif command == "analyze":
         run_analyze(config, run_dir, mesh, tok, model)
     else:
@@ -349,7 +346,15 @@ def run_pipeline(command: str, preset: str, config: Any) -> RunDir:
     run_dir, mesh, tok, model = run_ttt(command, preset, config)
     trained = run_gates(config, run_dir, mesh, tok, model)
     run_compare(config, run_dir, mesh, tok, model, command, trained)
-    say(f"outputs: {run_dir.root} (results.json, report.md, plots, checkpoints/, metrics.jsonl, tensorboard/)")
+    outputs = "results.json, report.md, plots, checkpoints/, metrics.jsonl, tensorboard/"
+    if config.evaluate.benchmark_dir is not None:
+        from ponderttt.train.evaluate import run_evaluate
+
+        run_evaluate(config, run_dir, mesh, tok, model)
+        outputs += ", evaluate.json, evaluate.md"
+    else:
+        say("evaluate: skipped (benchmarks are local files: pass --evaluate.benchmark-dir DIR to run them)")
+    say(f"outputs: {run_dir.root} ({outputs})")
     return run_dir
 
 
