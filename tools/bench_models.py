@@ -7,7 +7,9 @@
 
     uv run python tools/bench_models.py                      # seq 1024, batches 1 and 8
     uv run python tools/bench_models.py --batches 1 --reps 2 # quicker
-Timings are medians over --reps runs after one warm-up (compilation excluded).
+Timings are the best of --reps runs after one warm-up (compilation excluded); ours and HF's alternate run by
+run (HF in a persistent worker process) so that both see the same load from other processes. Medians are
+printed beside the bests.
 """
 
 from __future__ import annotations
@@ -34,17 +36,19 @@ def emit(**record) -> None:
     print(json.dumps(record), flush=True)
 
 
-def median_seconds(fn, reps: int) -> float:
-    fn()  # warm-up (and compilation)
+def best_seconds(fn, reps: int) -> float:
+    """Best of `reps` timed runs after one warm-up (compilation excluded): the least disturbed by other load."""
+    fn()
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
-def bench_forward(cfg: GPT2Config, batch: int, seq: int, reps: int) -> float:
+def our_forward(cfg: GPT2Config, batch: int, seq: int):
+    """A jitted forward of a random GPT-2 of `cfg` on a fixed batch; returns a no-argument runner."""
     model = build_model(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
     ids = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (batch, seq)), jnp.int32)
     graphdef, state = nnx.split(model)
@@ -53,50 +57,99 @@ def bench_forward(cfg: GPT2Config, batch: int, seq: int, reps: int) -> float:
     def forward(state, ids):
         return nnx.merge(graphdef, state)(ids).logits
 
-    seconds = median_seconds(lambda: forward(state, ids).block_until_ready(), reps)
-    return batch * seq / seconds
+    return lambda: forward(state, ids).block_until_ready()
 
 
-# HF PyTorch timing; runs in this process when torch imports, else in `--torch-python` (an interpreter that
-# has torch and transformers, e.g. a system Python) as a subprocess of this same run.
-TORCH_SOURCE = """
-import json, statistics, sys, time
+# HF PyTorch worker: builds GPT2LMHeadModel (random weights, the 125M shape) and times one forward per line read
+# from stdin, so that its runs interleave with ours and both see the same load. Runs in this interpreter when
+# torch imports, else in `--torch-python` (an interpreter that has torch and transformers, e.g. a system Python).
+TORCH_WORKER = """
+import json, sys, time
 import torch, transformers
-batch, seq, reps = (int(a) for a in sys.argv[1:4])
+batch, seq = (int(a) for a in sys.argv[1:3])
 torch.manual_seed(0)
 model = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
 ids = torch.randint(0, 50257, (batch, seq))
-def run():
+print(json.dumps({"threads": torch.get_num_threads(), "attn": model.config._attn_implementation,
+                  "versions": f"torch {torch.__version__}, transformers {transformers.__version__}"}), flush=True)
+for _ in sys.stdin:
+    start = time.perf_counter()
     with torch.inference_mode():
         model(input_ids=ids).logits.sum().item()
-run()
-times = []
-for _ in range(reps):
-    start = time.perf_counter(); run(); times.append(time.perf_counter() - start)
-print(json.dumps({"tokens_per_s": batch * seq / statistics.median(times), "threads": torch.get_num_threads(),
-                  "versions": f"torch {torch.__version__}, transformers {transformers.__version__}"}))
+    print(time.perf_counter() - start, flush=True)
 """
 
 
-def bench_torch(batch: int, seq: int, reps: int, torch_python: str | None) -> dict | None:
+class TorchWorker:
+    """The HF PyTorch forward in a subprocess; `run()` times one forward there."""
+
+    def __init__(self, interpreter: str, batch: int, seq: int):
+        self.proc = subprocess.Popen(
+            [interpreter, "-c", TORCH_WORKER, str(batch), str(seq)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(self.proc.stderr.read()[-500:])
+        self.info = json.loads(line)
+        self.info["interpreter"] = "in-process" if interpreter == sys.executable else interpreter
+
+    def run(self) -> float:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def torch_interpreter(torch_python: str | None) -> str | None:
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
 
-        interpreter = sys.executable
+        return sys.executable
     except ImportError:
-        if torch_python is None:
-            return None
-        interpreter = torch_python
-    proc = subprocess.run(
-        [interpreter, "-c", TORCH_SOURCE, str(batch), str(seq), str(reps)], capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        emit(bench="gpt2_125m_forward", hf_torch_error=proc.stderr[-500:])
-        return None
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["interpreter"] = "in-process" if interpreter == sys.executable else interpreter
-    return result
+        return torch_python
+
+
+def bench_forward(cfg: GPT2Config, batch: int, seq: int, reps: int, interpreter: str | None) -> dict:
+    """Our forward and (when an interpreter is given) HF PyTorch's, alternating run by run; best of `reps` each."""
+    ours = our_forward(cfg, batch, seq)
+    ours()  # compile
+    worker = None
+    if interpreter is not None:
+        try:
+            worker = TorchWorker(interpreter, batch, seq)
+            worker.run()  # warm-up
+        except (RuntimeError, OSError, ValueError) as err:
+            emit(bench="gpt2_125m_forward", hf_torch_error=str(err))
+            worker = None
+    mine, theirs = [], []
+    for _ in range(reps):
+        start = time.perf_counter()
+        ours()
+        mine.append(time.perf_counter() - start)
+        if worker is not None:
+            theirs.append(worker.run())
+    record = {"bench": "gpt2_125m_forward", "batch": batch, "seq": seq, "dtype": "float32", "reps": reps}
+    record["ours_tokens_per_s"] = round(batch * seq / min(mine), 1)
+    record["ours_median_tokens_per_s"] = round(batch * seq / statistics.median(mine), 1)
+    if worker is not None:
+        worker.close()
+        record["hf_torch_tokens_per_s"] = round(batch * seq / min(theirs), 1)
+        record["hf_torch_median_tokens_per_s"] = round(batch * seq / statistics.median(theirs), 1)
+        record["ratio_ours_to_hf"] = round(min(theirs) / min(mine), 3)
+        record["hf_torch"] = (
+            f"{worker.info['versions']}, {worker.info['threads']} threads, attention {worker.info['attn']} "
+            f"({worker.info['interpreter']})"
+        )
+    record["load_avg"] = [round(x, 2) for x in os.getloadavg()]
+    return record
 
 
 def bench_adapter(cfg: GPT2Config, batch: int, seq: int, reps: int, chunk: int) -> None:
@@ -120,10 +173,10 @@ def bench_adapter(cfg: GPT2Config, batch: int, seq: int, reps: int, chunk: int) 
             return lambda: f(state, ids).block_until_ready()
 
         if backbone is None:
-            backbone = median_seconds(make(False, 0.0), reps)
+            backbone = best_seconds(make(False, 0.0), reps)
             emit(bench="adapter_latency", action="BACKBONE", batch=batch, seq=seq, seconds=round(backbone, 4))
-        skip = median_seconds(make(True, 0.0), reps)
-        update = median_seconds(make(True, 1.0), reps)
+        skip = best_seconds(make(True, 0.0), reps)
+        update = best_seconds(make(True, 1.0), reps)
         for action, seconds in (("SKIP", skip), ("UPDATE_1", update)):
             emit(
                 bench="adapter_latency",
@@ -161,16 +214,9 @@ def main() -> None:
         load_avg=[round(x, 2) for x in os.getloadavg()],
         jax=jax.__version__,
     )
+    interpreter = None if args.no_torch else torch_interpreter(args.torch_python)
     for batch in args.batches:
-        ours = bench_forward(cfg, batch, args.seq, args.reps)
-        record = {"bench": "gpt2_125m_forward", "batch": batch, "seq": args.seq, "dtype": "float32"}
-        record["ours_tokens_per_s"] = round(ours, 1)
-        torch_result = None if args.no_torch else bench_torch(batch, args.seq, args.reps, args.torch_python)
-        if torch_result is not None:
-            record["hf_torch_tokens_per_s"] = round(torch_result["tokens_per_s"], 1)
-            record["ratio_ours_to_hf"] = round(ours / torch_result["tokens_per_s"], 3)
-            record["hf_torch"] = f"{torch_result['versions']} ({torch_result['interpreter']})"
-        emit(**record)
+        emit(**bench_forward(cfg, batch, args.seq, args.reps, interpreter))
     if not args.no_adapter:
         bench_adapter(cfg, args.adapter_batch, args.seq, args.reps, args.chunk)
 

@@ -66,36 +66,54 @@ def causal_mask(q_slots_bt, k_slots_s, key_valid_bs, window: int | None):
 
 
 def attention(q_bthd, k_bshd, v_bshd, mask_bts, scale: float, *, query_block: int | None = None, window=None):
-    """Scaled dot-product attention; kv heads are repeated for grouped queries (HF's head order).
+    """Scaled dot-product attention with grouped queries (query head j reads kv head j // group, HF's order).
+
+    Computed head-major: q as [B, kv, group * T, D] against k, v as [B, kv, S, D], so grouped queries share
+    their kv head without a repeated copy and every contraction is a plain batched matmul. The softmax is
+    normalised after the value product (one division of [.., T, D] instead of [.., T, S]).
 
     query_block: without a cache (query i is key slot i), queries are processed in blocks that only attend to
-    the keys a causal (and `window`ed) query can see, skipping the masked upper triangle: about half the work,
-    and [B, H, block, S] intermediates that stay in cache. The result is the same up to float rounding.
+    the keys a causal (and `window`ed) query can see, skipping the masked upper triangle: about half the work.
+    The result is the same up to float rounding.
     """
-    h, kv = q_bthd.shape[2], k_bshd.shape[2]
-    if kv != h:
-        k_bshd = jnp.repeat(k_bshd, h // kv, axis=2)
-        v_bshd = jnp.repeat(v_bshd, h // kv, axis=2)
-    t, s = q_bthd.shape[1], k_bshd.shape[1]
+    b, t, h, d = q_bthd.shape
+    kv, s = k_bshd.shape[2], k_bshd.shape[1]
+    group = h // kv
+    q = q_bthd.reshape(b, t, kv, group, d).transpose(0, 2, 3, 1, 4)  # [B, kv, G, T, D]
+    k = k_bshd.transpose(0, 2, 1, 3)  # [B, kv, S, D]
+    v = v_bshd.transpose(0, 2, 1, 3)
     if query_block is None or t <= query_block:
-        return _attend(q_bthd, k_bshd, v_bshd, mask_bts, scale)
-    if t != s:
-        raise ValueError(f"query_block needs one key per query slot (no cache); got {t} queries, {s} keys")
-    outs = []
-    for t0 in range(0, t, query_block):
-        t1 = min(t, t0 + query_block)
-        lo = 0 if window is None else max(0, t0 - window + 1)
-        outs.append(_attend(q_bthd[:, t0:t1], k_bshd[:, lo:t1], v_bshd[:, lo:t1], mask_bts[:, t0:t1, lo:t1], scale))
-    return jnp.concatenate(outs, axis=1)
+        out = _attend(q, k, v, mask_bts, scale)
+    else:
+        if t != s:
+            raise ValueError(f"query_block needs one key per query slot (no cache); got {t} queries, {s} keys")
+        outs = []
+        for t0 in range(0, t, query_block):
+            t1 = min(t, t0 + query_block)
+            lo = 0 if window is None else max(0, t0 - window + 1)
+            outs.append(_attend(q[:, :, :, t0:t1], k[:, :, lo:t1], v[:, :, lo:t1], mask_bts[:, t0:t1, lo:t1], scale))
+        out = jnp.concatenate(outs, axis=3)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q_bthd.dtype)
 
 
-def _attend(q_bthd, k_bshd, v_bshd, mask_bts, scale: float):
-    # Plain [B, H, T, S] contractions: on CPU they compile to faster dots than a grouped 5-D einsum.
-    logits = jnp.einsum("bthd,bshd->bhts", q_bthd, k_bshd, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(mask_bts[:, None, :, :], logits, MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_bshd.dtype)
-    out = jnp.einsum("bhts,bshd->bthd", probs, v_bshd, preferred_element_type=jnp.float32)
-    return out.astype(q_bthd.dtype)
+def _attend(q_bkgtd, k_bksd, v_bksd, mask_bts, scale: float):
+    """One block: q [B, kv, G, T, D], k/v [B, kv, S, D], mask [B, T, S] → [B, kv, G, T, D] float32."""
+    b, kv, g, t, d = q_bkgtd.shape
+    s = k_bksd.shape[2]
+    logits = jnp.einsum(
+        "bkqd,bksd->bkqs", q_bkgtd.reshape(b, kv, g * t, d), k_bksd, preferred_element_type=jnp.float32
+    ).reshape(b, kv, g, t, s)
+    logits = jnp.where(mask_bts[:, None, None], logits, MASK_VALUE)
+    peak = logits.max(-1, keepdims=True)
+    weights = jnp.exp((logits - peak) * scale)  # softmax(scale * logits) up to its normaliser (scale > 0)
+    total = weights.sum(-1, keepdims=True)
+    out = jnp.einsum(
+        "bkqs,bksd->bkqd",
+        weights.reshape(b, kv, g * t, s).astype(v_bksd.dtype),
+        v_bksd,
+        preferred_element_type=jnp.float32,
+    ).reshape(b, kv, g, t, d)
+    return out / total
 
 
 class Dense(nnx.Module):
