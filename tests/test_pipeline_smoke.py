@@ -38,8 +38,10 @@ def test_smoke_pipeline(tmp_path):
         # causal discrete method (continuous λ is not one of the oracle's actions, so no bound holds there)
         if key[2] == "reset" and key[0] not in ("oracle", "continuous"):
             assert record["loss_oracle"] <= record["loss"] + 1e-9, key
-    assert "UPDATE_1" in proc.stdout and "SKIP" in proc.stdout
-    assert (run / "report.md").is_file() and (run / "pareto.png").is_file()
+    skip, update = by[("skip", None, "reset")]["loss"], by[("update_1", None, "reset")]["loss"]
+    headline = f"UPDATE_1 {'beats' if update < skip else 'does not beat'} SKIP: loss {update:.4f} vs {skip:.4f}"
+    assert headline in proc.stdout and headline in (run / "report.md").read_text()  # whether, and by how much
+    assert (run / "pareto.png").is_file()
     stages = {json.loads(line)["stage"] for line in (run / "metrics.jsonl").read_text().splitlines()}
     assert stages == {"pretrain", "ttt"} | {f"gate_{g}" for g in LEARNED}
     assert (run / "adapter").is_dir() and list((run / "tensorboard" / "ttt").glob("events.*"))

@@ -226,6 +226,13 @@ def run_compare(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, c
                 "backbone": config.backbone.path or "in-house GPT-2", "adapter": config.adapter.kind,
                 "n_sequences": int(held.tokens.shape[0]), "chunks_per_sequence": int(held.tokens.shape[1]),
                 "protocols_evaluated": protocols, "methods_not_evaluated": left_out}
+    by = {(r["method"], r["budget"]): r for r in records if r["protocol"] == "reset"}
+    headline = None
+    if ("skip", None) in by and ("update_1", None) in by:
+        skip, update = by[("skip", None)]["loss"], by[("update_1", None)]["loss"]
+        verdict = "beats" if update < skip else "does not beat"
+        headline = f"UPDATE_1 {verdict} SKIP: loss {update:.4f} vs {skip:.4f} ({update - skip:+.4f} nats)"
+        run_info["held_out_update_1_vs_skip"] = headline + " under the reset protocol"
     import jax
 
     signal_rows, columns = analyze_signals(config, held)
@@ -234,11 +241,8 @@ def run_compare(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, c
                                signals=signal_rows, signal_samples=columns, signal_names=tuple(held.signals))
         say(f"compare: {len(records)} results ({' and '.join(protocols)} protocols); wrote "
             + ", ".join(str(p) for p in written.values()))
-    by = {(r["method"], r["budget"]): r for r in records if r["protocol"] == "reset"}
-    if ("skip", None) in by and ("update_1", None) in by:
-        skip, update = by[("skip", None)]["loss"], by[("update_1", None)]["loss"]
-        verdict = "beats" if update < skip else "does not beat"
-        say(f"held-out code: UPDATE_1 {verdict} SKIP: loss {update:.4f} vs {skip:.4f} ({update - skip:+.4f} nats)")
+    if headline:
+        say(f"held-out code: {headline}")
     return left_out, protocols
 
 
