@@ -8,6 +8,7 @@ of its rows); a held-out pass is small and read in full by every process.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 from typing import Any
 
@@ -81,6 +82,18 @@ def pipeline_config(data: DataConfig, *, seed: int, forever: bool, shuffle: bool
                           shard_index=shard_index, shard_count=shard_count)
 
 
+def row_config(data: DataConfig, seed: int, row: int) -> Any:
+    """The pipeline of row `row` of the training batch: files row::batch_size, one row at a time, with the
+    tokenizing and read-ahead of one whole-batch pipeline shared among the rows (what comes out does not depend
+    on either)."""
+    config = pipeline_config(data, seed=seed, forever=True, shuffle=True, batch_size=1, shard_index=row,
+                             shard_count=data.batch_size)
+    share = data.batch_size
+    packing = dataclasses.replace(config.packing, tokenize_batch=max(1, config.packing.tokenize_batch // share))
+    return dataclasses.replace(config, packing=packing, read_threads=1,
+                               prefetch_buffer_size=max(2, config.prefetch_buffer_size // share))
+
+
 class RowStreams:
     """This process's rows of the global training batch, row r read from its own stream of files r::batch_size.
 
@@ -97,9 +110,8 @@ class RowStreams:
             raise ConfigError(f"--data.batch-size={data.batch_size}: each row of the global batch reads its own "
                               f"share of the {split} files, but the split has only {len(files)}; lower "
                               "--data.batch-size or raise --data.max-files")
-        self._streams = [iter(build_pipeline(files, tok, pipeline_config(
-            data, seed=seed, forever=True, shuffle=True, batch_size=1, shard_index=row,
-            shard_count=data.batch_size))) for row in range(rows.start, rows.stop)]
+        self._streams = [iter(build_pipeline(files, tok, row_config(data, seed, row)))
+                         for row in range(rows.start, rows.stop)]
 
     def __iter__(self) -> RowStreams:
         return self
