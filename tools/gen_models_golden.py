@@ -8,6 +8,12 @@ from its initial value so that a convention error (1 + w, a missing bias) cannot
 Needs torch and transformers (not dependencies of any package; the tests read only the written files):
     pip install torch transformers
     python tools/gen_models_golden.py
+
+`--check-export` instead checks `ponderttt.models.save_hf_causal_lm` against transformers: the workspace's
+Python (`--jax-python`, default `uv run python`) loads every fixture, saves it again with save_hf_causal_lm
+(one file, and bf16 in several files with an index) and writes its own logits; transformers then loads each
+saved directory with AutoModelForCausalLM and its logits must equal the golden ones (1e-4; bf16 1e-1).
+    python tools/gen_models_golden.py --check-export
 """
 
 from __future__ import annotations
@@ -15,7 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shlex
 import shutil
+import subprocess
+import tempfile
 
 import numpy as np
 import torch
@@ -126,9 +135,57 @@ def write(name: str, model, seed: int) -> None:
     print(f"{name}: {size / 1024:.1f} KiB in {folder}")
 
 
+# Run by --jax-python: loads each fixture with ponderttt.models and saves it back with save_hf_causal_lm.
+EXPORT_SOURCE = """
+import sys, pathlib
+import jax, jax.numpy as jnp, numpy as np
+jax.config.update("jax_default_matmul_precision", "highest")
+from ponderttt.models import load_hf_causal_lm, save_hf_causal_lm
+data, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+for name in sys.argv[3:]:
+    model = load_hf_causal_lm(data / name)
+    save_hf_causal_lm(model, out / name, config={"pad_token_id": 0})
+    save_hf_causal_lm(model, out / (name + "_bf16"), dtype=jnp.bfloat16, max_shard_bytes=8000)
+    ids = np.load(data / name / "golden.npz")["input_ids"]
+    np.save(out / (name + "_ours.npy"), np.asarray(model(ids).logits))
+    print(name, "saved", flush=True)
+"""
+
+
+def check_export(jax_python: str) -> int:
+    """Saves every fixture with save_hf_causal_lm (in `jax_python`) and loads the result with transformers."""
+    names = ["gpt2_tiny", "gemma3_tiny", "gemma3_untied"]
+    failures = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [*shlex.split(jax_python), "-c", EXPORT_SOURCE, str(OUT), tmp, *names]
+        subprocess.run(command, check=True, cwd=OUT.parents[3])
+        for name in names:
+            golden = np.load(OUT / name / "golden.npz")
+            ids = torch.from_numpy(golden["input_ids"].astype(np.int64))
+            for suffix, tol in (("", 1e-4), ("_bf16", 1e-1)):
+                folder = pathlib.Path(tmp) / (name + suffix)
+                model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+                with torch.no_grad():
+                    logits = model(input_ids=ids).logits.numpy()
+                diff = float(np.abs(logits - golden["logits"]).max())
+                ours = float(np.abs(logits - np.load(pathlib.Path(tmp) / f"{name}_ours.npy")).max())
+                ok = diff <= tol
+                failures += not ok
+                files = sorted(p.name for p in folder.iterdir())
+                print(json.dumps({"check": "export", "fixture": name + suffix, "hf_class": type(model).__name__,
+                                  "max_diff_to_golden": diff, "max_diff_to_ponderttt": ours, "tolerance": tol,
+                                  "ok": ok, "files": files}))
+    return failures
+
+
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check-export", action="store_true", help="check save_hf_causal_lm against transformers")
+    parser.add_argument("--jax-python", default="uv run python", help="command running the workspace's Python")
+    args = parser.parse_args()
     torch.set_default_dtype(torch.float32)
+    if args.check_export:
+        raise SystemExit(1 if check_export(args.jax_python) else 0)
     for seed, build in enumerate([gpt2_model, lambda: gemma_model(True), lambda: gemma_model(False)]):
         torch.manual_seed(100 + seed)
         name, model = build()

@@ -11,7 +11,7 @@ from ponderttt.models.adapter import (
     trainable_state,
 )
 from ponderttt.models.config import PRESETS, Gemma3Config, GPT2Config, config_from_hf, preset
-from ponderttt.models.hf import HFTokenizer, load_hf_causal_lm, load_hf_tokenizer
+from ponderttt.models.hf import HFTokenizer, load_hf_causal_lm, load_hf_tokenizer, save_hf_causal_lm
 from ponderttt.models.model import GPT2, CausalLM, Gemma3, KVCache, ModelOutput, build_model
 from ponderttt.models.sharding import (
     LOGICAL_RULES,
@@ -51,6 +51,7 @@ __all__ = [
     "logical_to_spec",
     "make_mesh",
     "preset",
+    "save_hf_causal_lm",
     "shard_model",
     "state_specs",
 ]

@@ -11,20 +11,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import re
-from collections.abc import Sequence
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors
+import safetensors.numpy
 import tokenizers
 from flax import nnx
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
-from ponderttt.models.config import Gemma3Config, GPT2Config, config_from_hf
+from ponderttt.models.config import GLOBAL_ATTENTION, LOCAL_ATTENTION, Gemma3Config, GPT2Config, config_from_hf
 from ponderttt.models.model import CausalLM, build_model
 from ponderttt.models.sharding import LOGICAL_RULES, Rules, variable_spec
 
@@ -314,6 +318,201 @@ def load_hf_causal_lm(
 
         add_ttt_adapter(model, ttt, **ttt_options)
     return model
+
+
+# -- saving: the inverse of the key maps ------------------------------------------------------------------
+
+# Where save_hf_causal_lm puts the decoder (what transformers' save_pretrained writes); lm_head sits at the top.
+_SAVE_PREFIX = {GPT2Config: "transformer.", Gemma3Config: "model."}
+
+
+def hf_config_dict(config) -> dict[str, Any]:
+    """The HF `config.json` fields of an architecture config (transformers 5.x names; `config_from_hf` inverts it)."""
+    if isinstance(config, GPT2Config):
+        return {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": config.vocab_size,
+            "n_positions": config.n_positions,
+            "n_embd": config.n_embd,
+            "n_layer": config.n_layer,
+            "n_head": config.n_head,
+            "n_inner": config.n_inner,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": config.layer_norm_epsilon,
+            "scale_attn_weights": config.scale_attn_weights,
+            "scale_attn_by_inverse_layer_idx": config.scale_attn_by_inverse_layer_idx,
+            "reorder_and_upcast_attn": False,
+            "tie_word_embeddings": config.tie_word_embeddings,
+        }
+    if isinstance(config, Gemma3Config):
+        scale = config.rope_global_scale
+        global_rope = {"rope_type": "default", "rope_theta": config.rope_global_base}
+        if scale != 1.0:
+            global_rope = {"rope_type": "linear", "factor": scale, "rope_theta": config.rope_global_base}
+        return {
+            "architectures": ["Gemma3ForCausalLM"],
+            "model_type": "gemma3_text",
+            "vocab_size": config.vocab_size,
+            "hidden_size": config.hidden_size,
+            "intermediate_size": config.intermediate_size,
+            "num_hidden_layers": config.num_layers,
+            "num_attention_heads": config.num_heads,
+            "num_key_value_heads": config.num_kv_heads,
+            "head_dim": config.head_dim,
+            "rms_norm_eps": config.rms_norm_eps,
+            "query_pre_attn_scalar": _int_if_whole(config.query_pre_attn_scalar),  # transformers 5 wants an int
+            "sliding_window": config.sliding_window,
+            "layer_types": list(config.layer_types),
+            "rope_parameters": {
+                GLOBAL_ATTENTION: global_rope,
+                LOCAL_ATTENTION: {"rope_type": "default", "rope_theta": config.rope_local_base},
+            },
+            "hidden_activation": "gelu_pytorch_tanh",
+            "final_logit_softcapping": config.final_logit_softcapping,
+            "attn_logit_softcapping": None,
+            "attention_bias": False,
+            "use_bidirectional_attention": False,
+            "max_position_embeddings": config.max_position_embeddings,
+            "tie_word_embeddings": config.tie_word_embeddings,
+        }
+    raise TypeError(f"hf_config_dict: expected GPT2Config or Gemma3Config, got {type(config).__name__}")
+
+
+def _int_if_whole(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x
+
+
+def _host_array(value) -> np.ndarray:
+    """A parameter as one host array; a value sharded across processes is gathered from all of them."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    return np.asarray(jax.device_get(value))
+
+
+def export_tensors(model: CausalLM, *, dtype=None) -> dict[str, np.ndarray]:
+    """The backbone's parameters under their HF names and layouts (the inverse of `load_hf_causal_lm`'s maps).
+
+    Kernels are transposed back to torch's [out, in] where HF uses nn.Linear, GPT-2's q, k, v are fused into
+    c_attn, and a tied head is not written (HF re-ties it). Adapter parameters are not part of the HF format.
+    dtype: cast every tensor (e.g. jnp.bfloat16); None keeps each parameter's dtype.
+    """
+    from ponderttt.models.adapter import BACKBONE
+
+    config = model.config
+    table = GPT2_KEY_MAP if isinstance(config, GPT2Config) else GEMMA3_KEY_MAP
+    prefix = _SAVE_PREFIX[type(config)]
+    out: dict[str, np.ndarray] = {}
+    fused: dict[str, dict[int, np.ndarray]] = {}
+    unmapped = []
+    for path, var in nnx.to_flat_state(nnx.state(model, BACKBONE)):
+        target = ".".join(str(p) for p in path)
+        for pattern, template, transform in table:
+            m = re.fullmatch(pattern, target)
+            if m is None:
+                continue
+            name = template.format(*m.groups(), leaf=_LEAF[target.rsplit(".", 1)[-1]])
+            key = name[1:] if name.startswith("@") else prefix + name
+            value = _host_array(var.get_value())
+            if dtype is not None:
+                value = value.astype(np.dtype(dtype))
+            if isinstance(transform, SplitLast):
+                fused.setdefault(key, {})[transform.part] = value
+            elif isinstance(transform, Transpose):
+                out[key] = np.ascontiguousarray(value.T)
+            else:
+                out[key] = value
+            break
+        else:
+            unmapped.append(target)
+    if unmapped:
+        raise ValueError(f"no HF name for parameter(s) {unmapped} of {type(model).__name__}")
+    for key, parts in fused.items():
+        out[key] = np.concatenate([parts[i] for i in sorted(parts)], axis=-1)
+    return out
+
+
+def _shard_groups(tensors: dict[str, np.ndarray], max_shard_bytes: int | None) -> list[list[str]]:
+    """Tensor names per file, in order, each file at most `max_shard_bytes` (a larger tensor gets its own file)."""
+    if max_shard_bytes is None:
+        return [list(tensors)]
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes={max_shard_bytes} must be positive (or None for one file)")
+    groups: list[list[str]] = [[]]
+    size = 0
+    for key, value in tensors.items():
+        if groups[-1] and size + value.nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += value.nbytes
+    return groups
+
+
+def save_hf_causal_lm(
+    model: CausalLM,
+    path: str | pathlib.Path,
+    *,
+    config: Mapping[str, Any] | None = None,
+    dtype=None,
+    max_shard_bytes: int | None = None,
+    overwrite: bool = False,
+) -> pathlib.Path:
+    """Writes `model`'s backbone as a HF directory that `load_hf_causal_lm` and transformers both read.
+
+    path: the directory to create; it is written in a temporary sibling and renamed into place, so it never
+         exists half-written. An existing directory is an error unless `overwrite=True` (then it is replaced).
+    config: extra config.json fields merged over the architecture's (e.g. {"bos_token_id": 2, "eos_token_id": 1}).
+    dtype: tensor dtype on disk (default: each parameter's own); config.json's "dtype" says which.
+    max_shard_bytes: split the tensors into model-0000i-of-0000n.safetensors files with an index when larger.
+    Files: config.json (model_type gpt2 / gemma3_text) and model.safetensors (or shards + index), with HF
+    tensor names (`transformer.h.0.attn.c_attn.weight`, `model.layers.0.self_attn.q_proj.weight`, ...).
+    Only backbone parameters are written (adapters and gates are not part of the HF format). With parameters
+    sharded across processes every process must call this (they gather); process 0 writes.
+    """
+    folder = pathlib.Path(path)
+    if folder.exists() and not overwrite:
+        raise FileExistsError(f"{folder} exists; pass overwrite=True to replace it or choose another path")
+    tensors = export_tensors(model, dtype=dtype)
+    if jax.process_index() != 0:
+        return folder
+    dtypes = {str(v.dtype) for v in tensors.values()}
+    fields = hf_config_dict(model.config)
+    fields["dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"
+    fields.update(dict(config or {}))
+    if fields["model_type"] != hf_config_dict(model.config)["model_type"]:
+        raise ValueError(f"config= may not change model_type (got {fields['model_type']!r})")
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        (tmp / "config.json").write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+        groups = _shard_groups(tensors, max_shard_bytes)
+        metadata = {"format": "pt"}  # what transformers expects in a safetensors header
+        if len(groups) == 1:
+            safetensors.numpy.save_file(tensors, str(tmp / "model.safetensors"), metadata=metadata)
+        else:
+            weight_map = {}
+            for i, keys in enumerate(groups):
+                name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+                safetensors.numpy.save_file({k: tensors[k] for k in keys}, str(tmp / name), metadata=metadata)
+                weight_map.update(dict.fromkeys(keys, name))
+            index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        old = None
+        if folder.exists():  # overwrite: move the old directory aside, rename, then delete it
+            old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(folder, old)
+        os.rename(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
 
 
 @dataclasses.dataclass
