@@ -176,6 +176,43 @@ def test_resume_and_every_process_hash_like_the_run():
     assert config_hash(processes[0]) != config_hash(config)  # a resumed run keeps its process count
 
 
+def test_row_streams_give_every_process_count_the_same_global_batches_and_resume(tmp_path):
+    import dataclasses
+
+    from ponderttt.train import corpus
+    from ponderttt.train.config import ConfigError, DataConfig
+    from ponderttt.train.distributed import process_rows
+
+    root = tmp_path / "corpus"  # 24 small distinct modules (the cleaning filters keep them)
+    for i in range(24):
+        body = "".join(f"def f{i}_{j}(x, y={j}):\n    return x * {i + j} + y - {j * i} // (y or 1)\n\n\n"
+                       for j in range(6))
+        (root / f"pkg{i % 3}").mkdir(parents=True, exist_ok=True)
+        (root / f"pkg{i % 3}" / f"module_{i}.py").write_text(f'"""Module {i}."""\n\n\n{body}')
+    data = DataConfig(corpus=str(root), vocab_size=300, seq_len=64, chunk_size=16, mini_batch_size=8, batch_size=4,
+                      val_fraction=0.1, test_fraction=0.1)
+    tok = corpus.tokenizer(data, tmp_path)
+    n_train = len(corpus.source(data, "train"))
+    assert 4 <= n_train < 24
+    whole = corpus.RowStreams(data, tok, "train", seed=3, rows=slice(0, 4))
+    halves = [corpus.RowStreams(data, tok, "train", seed=3, rows=process_rows(4, i, 2)) for i in range(2)]
+    for _ in range(6):
+        batch, parts = next(whole), [next(half) for half in halves]
+        assert batch["input_ids"].shape == (4, 64)
+        for key, value in batch.items():
+            np.testing.assert_array_equal(value, np.concatenate([part[key] for part in parts]), err_msg=key)
+    state = json.loads(json.dumps(whole.get_state()))  # what a checkpoint's JSON item holds
+    restored = corpus.RowStreams(data, tok, "train", seed=3, rows=slice(0, 4))
+    restored.set_state(state)
+    for _ in range(4):
+        batch, again = next(whole), next(restored)
+        assert all(np.array_equal(batch[key], again[key]) for key in batch)
+    with pytest.raises(ConfigError, match="this process reads 2"):
+        halves[0].set_state(state)
+    with pytest.raises(ConfigError, match=f"--data.batch-size=24: .* has only {n_train}"):
+        corpus.RowStreams(dataclasses.replace(data, batch_size=24), tok, "train", seed=3, rows=slice(0, 24))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("localhost", 0))
