@@ -71,14 +71,14 @@ def test_reproduce_two_scales_then_the_published_tables(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(APP), "reproduce", "--preset", "smoke", "--scales", "125m", "350m", "--backbone-root",
          str(root), "--output-dir", str(out), "--name", "rep", "--no-progress", "--adapter.train-steps", "4",
-         "--gate.train-steps", "4", "--gate.gates", "gumbel", "--compare.methods", "skip", "update_1", "oracle",
-         "recon", "gumbel", "--compare.protocols", "reset", "--compare.n-resamples", "20"],
+         "--gate.gates", "--compare.methods", "skip", "update_1", "oracle", "recon", "--compare.protocols", "reset",
+         "--compare.n-resamples", "20"],  # the gates and carry have their own tests: keep this one short
         capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     per_scale = {}
     for scale in ("125m", "350m"):
         doc = json.loads((out / f"rep-{scale}" / "results.json").read_text())
-        assert {r["method"] for r in doc["results"]} == {"skip", "update_1", "oracle", "recon", "gumbel"}
+        assert {r["method"] for r in doc["results"]} == {"skip", "update_1", "oracle", "recon"}
         per_scale[scale] = doc
     text = (out / "rep" / "scaling.md").read_text()
     assert "| Scale | Language | Baseline (SKIP) | Oracle | recon @ 0.5 | Oracle Capture |" in text
