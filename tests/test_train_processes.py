@@ -248,3 +248,36 @@ def test_two_processes_with_gloo_match_one_process(tmp_path, reference, compile_
     assert two_adapter.keys() == single_adapter.keys()
     for name, value in two_adapter.items():
         np.testing.assert_allclose(value, single_adapter[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+GATHER = """
+import json, sys
+import numpy as np
+from ponderttt.train import distributed
+from ponderttt.train.config import MeshConfig, PlatformConfig
+
+process, port = int(sys.argv[1]), sys.argv[2]
+distributed.initialize(PlatformConfig(distributed="manual", coordinator_address=f"localhost:{port}",
+                                      num_processes=2, process_id=process))
+import jax
+
+mesh = distributed.make_mesh(MeshConfig())
+full = np.arange(12, dtype=np.float32).reshape(4, 3)
+rows = distributed.process_rows(4, process, 2)
+doubled = jax.jit(lambda a: 2 * a)(distributed.global_batch(full[rows], mesh, 4))  # rows split over the processes
+out = distributed.to_host({"rows": doubled, "total": doubled.sum()})
+spread = not doubled.is_fully_addressable
+print(json.dumps({"rows": out["rows"].tolist(), "total": float(out["total"]), "spread": spread}))
+"""
+
+
+@pytest.mark.slow
+def test_to_host_gathers_what_the_processes_hold(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", GATHER, str(i), port], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    outs = [json.loads(finish(proc).strip().splitlines()[-1]) for proc in procs]
+    expected = (2 * np.arange(12, dtype=np.float32).reshape(4, 3)).tolist()
+    assert outs[0] == outs[1] == {"rows": expected, "total": 132.0, "spread": True}

@@ -100,3 +100,21 @@ def global_batch(local_rows: Any, mesh: Any, global_batch_size: int) -> Any:
 
     shape = (global_batch_size, *local_rows.shape[1:])
     return jax.make_array_from_process_local_data(batch_sharding(mesh), local_rows, shape)
+
+
+def to_host(tree: Any) -> Any:
+    """`tree` as numpy arrays on this host, in full: `jax.device_get`, except that an array spread over several
+    processes (e.g. per-sequence results of a batch split over hosts) is gathered from all of them first.
+
+    A collective when the run has several processes: every process must call it, in the same order."""
+    import jax
+    import numpy as np
+
+    def fetch(leaf: Any) -> Any:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+        return np.asarray(jax.device_get(leaf))
+
+    return jax.tree.map(fetch, tree)
