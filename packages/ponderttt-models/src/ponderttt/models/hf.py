@@ -4,7 +4,7 @@ The model is built abstractly (`nnx.eval_shape`), every parameter is matched to 
 regex table (one per architecture, with a transform: identity, transpose or a slice of a fused tensor),
 every shape is checked and all problems are reported together, then each parameter is filled. Tensors are
 read with `safetensors.safe_open` slice by slice, and with a mesh each device's shard is read on its own
-(`jax.make_array_from_callback`), so a process reads only the slices it holds.
+(`jax.make_array_from_callback`, once per distinct slice), so a process reads only the slices it holds.
 """
 
 from __future__ import annotations
@@ -256,6 +256,21 @@ def _read(ckpt: Checkpoint, a: Assignment, shape: tuple[int, ...], index: tuple[
     return np.asarray(out).astype(dtype)
 
 
+class _ShardReader:
+    """make_array_from_callback's callback for one parameter: reads the slice of each addressable device, once
+    per distinct slice (devices of this process holding the same replica share one read)."""
+
+    def __init__(self, ckpt: Checkpoint, a: Assignment, shape: tuple[int, ...], dtype):
+        self.ckpt, self.a, self.shape, self.dtype = ckpt, a, shape, dtype
+        self.done: dict[tuple, np.ndarray] = {}
+
+    def __call__(self, index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in self.done:
+            self.done[key] = _read(self.ckpt, self.a, self.shape, index, self.dtype)
+        return self.done[key]
+
+
 def load_hf_causal_lm(
     path: str | pathlib.Path,
     *,
@@ -308,9 +323,7 @@ def load_hf_causal_lm(
             value = jax.device_put(_read(ckpt, a, shape, None, np_dtype), SingleDeviceSharding(jax.devices()[0]))
         else:
             sharding = NamedSharding(mesh, variable_spec(var, mesh, rules))
-            value = jax.make_array_from_callback(
-                shape, sharding, lambda idx, a=a, shape=shape, dt=np_dtype: _read(ckpt, a, shape, idx, dt)
-            )
+            value = jax.make_array_from_callback(shape, sharding, _ShardReader(ckpt, a, shape, np_dtype))
         filled.append((p, var.replace(value)))
     model = nnx.merge(graphdef, nnx.from_flat_state(filled))
     if ttt is not None:
