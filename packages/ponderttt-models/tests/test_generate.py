@@ -131,3 +131,42 @@ def test_adapter_fast_weights_update_after_each_chunk_as_the_gate_decides(hf_dat
     init = site.layer.init_state(2)
     pairs = zip(jax.tree.leaves(res.ttt_state), jax.tree.leaves(init), strict=True)
     assert max(float(jnp.abs(a - b).max()) for a, b in pairs) > 0
+
+
+def test_sliding_window_layers_cache_a_ring_buffer_of_their_window(hf_data):
+    """gemma3_tiny has window 5: its local layers keep 5 slots however long the generation, and decoding 20
+    tokens after a left-padded prompt still equals recomputing the whole sequence without a cache."""
+    model = load_hf_causal_lm(hf_data.dir("gemma3_tiny"))
+    window, new = model.config.sliding_window, 20
+    cache = model.init_cache(2, 64)
+    for i, layer_type in enumerate(model.config.layer_types):
+        assert cache.keys[i].shape[1] == (window if layer_type == "sliding_attention" else 64)
+    ids, mask = _prompt(hf_data, "gemma3_tiny")
+    ids, mask = ids[:, 2:], mask[:, 2:]  # 4 prompt slots, row 0 with 2 of them padding
+    res = generate(model, ids, mask, GenerationConfig(max_new_tokens=new), return_logits=True)
+    full = np.concatenate([ids, res.tokens[:, :-1]], axis=1)
+    full_mask = np.concatenate([mask, np.ones((2, new - 1), np.int32)], axis=1)
+    ref = np.asarray(full_logits(model, full, full_mask))[:, ids.shape[1] - 1 :]
+    np.testing.assert_allclose(res.logits, ref, atol=1e-4, rtol=0)
+
+
+@nnx.jit
+def cached_step(model, ids, mask, cache):
+    out = model(ids, attention_mask=mask, cache=cache)
+    return out.logits, out.cache
+
+
+def test_cache_extended_by_chunks_shorter_and_longer_than_the_window(hf_data):
+    model = load_hf_causal_lm(hf_data.dir("gemma3_tiny"))
+    g = hf_data.golden("gemma3_tiny")
+    ids, mask = g["padded_input_ids"], g["padded_mask"]  # 13 tokens, row 0 starts with 4 pads
+    cache = model.init_cache(2, ids.shape[1])
+    pieces, start = [], 0
+    for size in (7, 1, 2, 3):  # 7 > window 5: the prefill overwrites its own ring entries
+        logits, cache = cached_step(model, ids[:, start : start + size], mask[:, start : start + size], cache)
+        pieces.append(np.asarray(logits))
+        start += size
+    got = np.concatenate(pieces, axis=1)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(got[real], g["padded_logits"][real], atol=1e-4, rtol=0)
+    assert int(cache.index) == 13 and cache.keys[0].shape[1] == model.config.sliding_window

@@ -46,9 +46,11 @@ ATTENTION_QUERY_BLOCK = 128
 class KVCache:
     """Keys and values of every layer for `S` slots, written left to right.
 
-    keys/values: per layer [B, S, kv_heads, head_dim]; key_valid [B, S] marks slots holding a real token
-    (left padding is False); next_position [B] is the position id of each row's next token; index is the
-    next slot to write (shared by the batch: rows are left-padded to a common length).
+    keys/values: per layer [B, S, kv_heads, head_dim], or for a sliding-window layer whose window W is shorter
+    than S a ring buffer [B, W, kv_heads, head_dim] (slot a lives in entry a % W: memory O(W) however long the
+    generation); key_valid [B, S] marks slots holding a real token (left padding is False); next_position [B] is
+    the position id of each row's next token; index is the next slot to write (shared by the batch: rows are
+    left-padded to a common length).
     """
 
     keys: tuple[jax.Array, ...]
@@ -98,12 +100,19 @@ class CausalLM(nnx.Module):
 
     # -- cache --------------------------------------------------------------------------------------
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:
-        """An empty cache of `max_length` slots (prompt plus everything to be generated)."""
-        shape = (batch_size, max_length, self.num_kv_heads, self.head_dim)
-        zeros = tuple(jnp.zeros(shape, self.dtype) for _ in range(len(self.blocks)))
+        """An empty cache of `max_length` slots (prompt plus everything to be generated); sliding-window layers
+        get a ring buffer of their window when it is shorter."""
+        sizes = []
+        for i in range(len(self.blocks)):
+            window = self.attention_window(i)
+            sizes.append(window if window is not None and window < max_length else max_length)
+
+        def zeros(size):
+            return jnp.zeros((batch_size, size, self.num_kv_heads, self.head_dim), self.dtype)
+
         return KVCache(
-            keys=zeros,
-            values=tuple(jnp.zeros(shape, self.dtype) for _ in range(len(self.blocks))),
+            keys=tuple(zeros(n) for n in sizes),
+            values=tuple(zeros(n) for n in sizes),
             key_valid=jnp.zeros((batch_size, max_length), bool),
             next_position=jnp.zeros((batch_size,), jnp.int32),
             index=jnp.zeros((), jnp.int32),
@@ -154,22 +163,26 @@ class CausalLM(nnx.Module):
             states[site] = stats[site].state
             return h
 
-        masks: dict[int | None, jax.Array] = {}
+        masks: dict[tuple[int | None, int | None], jax.Array] = {}
         h = constrain(self.embed(input_ids, positions), ACT_BTC, self.mesh, self.rules)
         hidden = [h] if return_hidden_states else None
         new_keys, new_values = [], []
         policy = remat_policy(self.remat)
         for i, block in enumerate(self.blocks):
             window = self.attention_window(i)
-            if window not in masks:
-                masks[window] = causal_mask(q_slots, k_slots, key_valid, window)
-            layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.index)
+            ring = cache is not None and cache.keys[i].shape[1] < cache.max_length
+            mask_key = (window, cache.keys[i].shape[1] if ring else None)
+            if mask_key not in masks:
+                if ring:
+                    masks[mask_key] = _ring_mask(q_slots, valid_bt, key_valid, cache.index, mask_key[1], window)
+                else:
+                    masks[mask_key] = causal_mask(q_slots, k_slots, key_valid, window)
+            mask = masks[mask_key]
+            layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.index, ring)
             if policy is not None and cache is None:
-                h, kv = nnx.remat(lambda blk, x, p, m: blk(x, p, m, None), policy=policy)(
-                    block, h, positions, masks[window]
-                )
+                h, kv = nnx.remat(lambda blk, x, p, m: blk(x, p, m, None), policy=policy)(block, h, positions, mask)
             else:
-                h, kv = block(h, positions, masks[window], layer_cache)
+                h, kv = block(h, positions, mask, layer_cache)
             h = constrain(adapt(f"block_{i}", h), ACT_BTC, self.mesh, self.rules)
             new_keys.append(kv[0])
             new_values.append(kv[1])
@@ -289,10 +302,10 @@ class GPT2Attention(nnx.Module):
         q = constrain(split_heads(self.q(x), self.num_heads), ACT_BTHD, mesh, rules)
         k = constrain(split_heads(self.k(x), self.num_heads), ACT_BTHD, mesh, rules)
         v = constrain(split_heads(self.v(x), self.num_heads), ACT_BTHD, mesh, rules)
-        k, v = _write_cache(k, v, layer_cache)
+        (k, v), new_kv = _write_cache(k, v, layer_cache)
         block = ATTENTION_QUERY_BLOCK if layer_cache is None else None
         out = attention(q, k, v, mask, self.scale, query_block=block)
-        return self.c_proj(merge_heads(out)), (k, v)
+        return self.c_proj(merge_heads(out)), new_kv
 
 
 class GPT2MLP(nnx.Module):
@@ -396,10 +409,10 @@ class Gemma3Attention(nnx.Module):
         v = constrain(split_heads(self.v_proj(x), self.num_kv_heads), ACT_BTKD, mesh, rules)
         q = apply_rope(self.q_norm(q), positions, inv_freq)
         k = apply_rope(self.k_norm(k), positions, inv_freq)
-        k, v = _write_cache(k, v, layer_cache)
+        (k, v), new_kv = _write_cache(k, v, layer_cache)
         block = ATTENTION_QUERY_BLOCK if layer_cache is None else None
         out = attention(q, k, v, mask, self.scale, query_block=block, window=self.window)
-        return self.o_proj(merge_heads(out)), (k, v)
+        return self.o_proj(merge_heads(out)), new_kv
 
 
 class Gemma3MLP(nnx.Module):
@@ -492,13 +505,40 @@ class Gemma3(CausalLM):
 
 
 def _write_cache(k_new, v_new, layer_cache):
-    """Keys/values to attend over: the new ones alone, or the cache with the new ones written at its index."""
+    """((keys, values) to attend over, (keys, values) of the new cache).
+
+    No cache: the new ones for both. Full cache: the cache with the new ones written at `index`, for both.
+    Ring buffer of W entries: attend over [ring as it was, new ones] (what the ring mask describes), and write
+    the last min(T, W) new ones into entries (slot % W).
+    """
     if layer_cache is None:
-        return k_new, v_new
-    k_cache, v_cache, index = layer_cache
-    k = jax.lax.dynamic_update_slice(k_cache, k_new.astype(k_cache.dtype), (0, index, 0, 0))
-    v = jax.lax.dynamic_update_slice(v_cache, v_new.astype(v_cache.dtype), (0, index, 0, 0))
-    return k, v
+        return (k_new, v_new), (k_new, v_new)
+    k_cache, v_cache, index, ring = layer_cache
+    k_new, v_new = k_new.astype(k_cache.dtype), v_new.astype(v_cache.dtype)
+    if not ring:
+        k = jax.lax.dynamic_update_slice(k_cache, k_new, (0, index, 0, 0))
+        v = jax.lax.dynamic_update_slice(v_cache, v_new, (0, index, 0, 0))
+        return (k, v), (k, v)
+    size, t = k_cache.shape[1], k_new.shape[1]
+    n = min(t, size)
+    entries = (index + t - n + jnp.arange(n, dtype=jnp.int32)) % size
+    k_ring = k_cache.at[:, entries].set(k_new[:, t - n :])
+    v_ring = v_cache.at[:, entries].set(v_new[:, t - n :])
+    both = (jnp.concatenate([k_cache, k_new], axis=1), jnp.concatenate([v_cache, v_new], axis=1))
+    return both, (k_ring, v_ring)
+
+
+def _ring_mask(q_slots_bt, valid_bt, key_valid_bs, index, size: int, window: int | None):
+    """Mask [B, T, size + T] of T queries at slots index.. over [a ring buffer of `size` entries, the T new keys].
+
+    Ring entry j holds the latest slot a < index with a % size == j (none yet when a < 0).
+    """
+    j = jnp.arange(size, dtype=jnp.int32)
+    held = index - 1 - jnp.remainder(index - 1 - j, size)
+    held_valid = (held >= 0)[None, :] & jnp.take(key_valid_bs, jnp.maximum(held, 0), axis=1)
+    t = q_slots_bt.shape[1]
+    k_slots = jnp.concatenate([held, index + jnp.arange(t, dtype=jnp.int32)])
+    return causal_mask(q_slots_bt, k_slots, jnp.concatenate([held_valid, valid_bt], axis=1), window)
 
 
 def build_model(config, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None, **kwargs) -> CausalLM:
