@@ -3,7 +3,10 @@
 Measures, at hidden 768, 12 heads, mini-batch 16, seq 2048, batch 1 by default:
   * TTT-Linear forward and forward+backward tokens/s (dual form), analytic FLOPs/token, achieved GFLOP/s;
   * the primal (token-by-token) form's forward and the dual / primal speed ratio;
-  * LoRA-TTT forward with an update (num_steps=1) against its no-update probe forward (num_steps=0).
+  * LoRA-TTT forward with an update (num_steps=1) against its no-update probe forward (num_steps=0);
+  * a same-process baseline: the layer's dense projections alone (x θ_QKV and the output projection, the
+    floor of any TTT-Linear implementation), and the forward's cost over that floor — a ratio that moves far
+    less with the machine's load than the absolute figures.
 float32 on CPU, bfloat16 activations on a GPU (override with --dtype). Timings are the best and the median
 of --repeats runs after one compile-and-warm-up run; on a shared machine the best is the fairer figure,
 and the 1-minute load average is printed with every line so that figures taken under load say so.
@@ -85,8 +88,14 @@ def main() -> None:
         y, stats = nnx.merge(graphdef, params)(x)
         return y, stats.state
 
+    @jax.jit
+    def projections(params, x):
+        layer = nnx.merge(graphdef, params)
+        return (x @ layer.qkv_proj[...].astype(x.dtype))[..., : args.hidden] @ layer.o_proj[...].astype(x.dtype)
+
     fwd = timed(forward, params, x, repeats=args.repeats)
     fwd_tps = tokens / fwd["best_s"]
+    floor = timed(projections, params, x, repeats=args.repeats)
     emit(
         {
             "bench": "ttt_linear_forward_dual",
@@ -97,6 +106,8 @@ def main() -> None:
             "flops_per_token_parts": flops,
             "gflops_per_s": round(fwd_tps * flops["total"] / 1e9, 1),
             "target_tokens_per_s": 20000,
+            "projections_only_tokens_per_s": round(tokens / floor["best_s"]),
+            "cost_over_projections": round(fwd["best_s"] / floor["best_s"], 3),
         }
     )
 

@@ -51,13 +51,19 @@ def _gram(a, b):
 def ln_loss_grad(z, target, weight, bias, eps: float):
     """(½‖LN(z) − target‖² per token, its gradient dℓ/dz) over the last axis, the LayerNorm backward written out:
     with x̂ = (z − μ)/σ and g = (LN(z) − target) ⊙ weight, dℓ/dz = (g − mean(g) − x̂ · mean(g ⊙ x̂)) / σ.
-    Used by the fused scan bodies; the generic body and the primal form take the gradient with `jax.vjp`."""
-    centered = z - jnp.mean(z, axis=-1, keepdims=True)
-    inv_std = jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + eps)
+
+    Used by the fused scan bodies (the generic body and the primal form take the gradient with `jax.vjp`).
+    The means are products with a 1/d vector (XLA:CPU runs those faster than small reductions), the last two
+    in one product."""
+    mean_vec = jnp.full((z.shape[-1],), 1.0 / z.shape[-1], z.dtype)
+    mean = lambda a: (a @ mean_vec)[..., None]
+    centered = z - mean(z)
+    inv_std = jax.lax.rsqrt(mean(centered * centered) + eps)
     x_hat = centered * inv_std
     err = x_hat * weight + bias - target
     g = err * weight
-    dz = inv_std * (g - jnp.mean(g, axis=-1, keepdims=True) - x_hat * jnp.mean(g * x_hat, axis=-1, keepdims=True))
+    means = jnp.stack([g, g * x_hat], axis=-2) @ mean_vec  # [..., 2]
+    dz = inv_std * (g - means[..., :1] - x_hat * means[..., 1:])
     return 0.5 * jnp.sum(err * err, axis=-1), dz
 
 
@@ -204,39 +210,36 @@ class LoRAInner:
     def unpack(self, packed) -> Fast:
         return packed
 
-    # Fused path (no resets): the scan carries A, B with k A, the residual G = z − v and G Bᵀ only; the outputs
-    # (q A_i) B_i of the dual form and the losses are computed after the scan from the weights at each
-    # mini-batch start, batched over all mini-batches.
-    fused_scan_keys = ("k", "v", "extra", "k_eta", "eta_last")
+    # Fused path (no resets): one scan step computes the mini-batch's dual-form outputs and losses together
+    # with the carry, sharing [q; k] A and the per-token gradients (moving the outputs after the scan, as
+    # TTT-Linear does, measured slower here: it must emit A and B for every mini-batch).
+    fused_scan_keys = ("q", "k", "v", "extra", "eta", "a_qk", "eta_last")
 
     def fused_inputs(self, xs):
-        return {"k_eta": xs["eta_last"][..., None] * xs["k"]}
+        return {}
 
     def fused_step(self, fast: Fast, x, grad_clip):
         a, b = fast["A"], fast["B"]
-        h_k = _mm(x["k"], a)
-        dz = clip_by_norm(x["extra"] + _mm(h_k, b) - x["v"], grad_clip)
+        h_q0, h_k = _mm(x["q"], a), _mm(x["k"], a)
+        err_sq, dz = self.loss_grad(x["extra"] + _mm(h_k, b), x["k"], x["v"])
+        dz = clip_by_norm(dz, grad_clip)
         g1 = jnp.einsum("bhkc,bhrc->bhkr", dz, b)
+        h_q = h_q0 - _attn(x["a_qk"], g1)
+        zbar = _mm(h_q, b) - _attn(x["eta"] * _gram(h_q, h_k), dz)
+        eta_last = x["eta_last"][..., None]
         new = {
-            "A": a - jnp.einsum("bhjc,bhjr->bhcr", x["k_eta"], g1),
-            "B": b - jnp.einsum("bhjr,bhjc->bhrc", x["eta_last"][..., None] * h_k, dz),
+            "A": a - jnp.einsum("bhjc,bhjr->bhcr", eta_last * x["k"], g1),
+            "B": b - jnp.einsum("bhjr,bhjc->bhrc", eta_last * h_k, dz),
         }
-        return new, {"A": a, "B": b, "h_k": h_k, "dz": dz, "g1": g1}
+        err_sq_after = self.loss(x["extra"] + _mm(_mm(x["k"], new["A"]), new["B"]), x["k"], x["v"])
+        aux = {"zbar": zbar, "no_update": _mm(h_q0, b), "err_sq": err_sq, "err_sq_after": err_sq_after}
+        return new, aux
 
     def fused_outputs(self, xs, aux):
-        mm = lambda x, w: jnp.einsum("mbhka,mbhac->mbhkc", x, w)
-        attn = lambda e, g: jnp.einsum("mbhij,mbhjd->mbhid", e, g)
-        h_q0 = mm(xs["q"], aux["A"])
-        h_q = h_q0 - attn(xs["a_qk"], aux["g1"])
-        gram = jnp.einsum("mbhid,mbhjd->mbhij", h_q, aux["h_k"])
-        return mm(h_q, aux["B"]) - attn(xs["eta"] * gram, aux["dz"]), mm(h_q0, aux["B"])
+        return aux["zbar"], aux["no_update"]
 
     def fused_losses(self, xs, aux):
-        mm = lambda x, w: jnp.einsum("mbhka,mbhac->mbhkc", x, w)
-        a1 = aux["A"] - jnp.einsum("mbhjc,mbhjr->mbhcr", xs["k_eta"], aux["g1"])
-        b1 = aux["B"] - jnp.einsum("mbhjr,mbhjc->mbhrc", xs["eta_last"][..., None] * aux["h_k"], aux["dz"])
-        before = self.loss(xs["extra"] + mm(aux["h_k"], aux["B"]), xs["k"], xs["v"])
-        return before, self.loss(xs["extra"] + mm(mm(xs["k"], a1), b1), xs["k"], xs["v"])
+        return aux["err_sq"], aux["err_sq_after"]
 
 
 def _finite_b(x) -> jax.Array:
@@ -254,8 +257,9 @@ def _tree_where_b(pred_b, a: Fast, b: Fast) -> Fast:
 
 
 def _all_finite_b(tree) -> jax.Array:
+    """Per-sequence 'every entry of every leaf is finite' [B] (one isfinite of a sum of the leaves' x·0 sums)."""
     leaves = jax.tree.leaves(tree)
-    return jnp.stack([jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1) for x in leaves]).all(axis=0)
+    return jnp.isfinite(sum(jnp.sum((x * 0.0).reshape(x.shape[0], -1), axis=1) for x in leaves))
 
 
 def _masked_token_mean(err_sq_bhk, valid_k):
@@ -307,14 +311,11 @@ def dual_scan(
             new, _ = _gradient_step(model, new, x["k"], x.get("extra"), x["v"], x["eta_last"], grad_clip)
             losses_rest.append(_masked_token_mean(_token_loss(model, new, x["k"], x.get("extra"), x["v"]), x["valid"]))
         new_packed = model.pack(new)
-        ok = None
-        for leaf in jax.tree.leaves(new_packed):
-            ok = _finite_b(leaf) if ok is None else ok & _finite_b(leaf)
+        ys = {"aux": aux, "loss_rest": jnp.stack(losses_rest, -1) if losses_rest else None}
+        ys["ok"] = _all_finite_b(new_packed)
         # Only non-finite updates are selected away: with λ = 0 the update is an exact zero (W − 0 = W), and
         # leaving it in keeps d(weights)/dλ at λ = 0 for continuous gates.
-        new_packed = jax.tree.map(lambda n, o: _where_b(ok, n, o), new_packed, packed)
-        ys = {"aux": aux, "ok": ok, "loss_rest": jnp.stack(losses_rest, -1) if losses_rest else None}
-        return new_packed, ys
+        return jax.tree.map(lambda n, o: _where_b(ys["ok"], n, o), new_packed, packed), ys
 
     def body(carry, x):
         fast, skipped = carry
@@ -368,8 +369,7 @@ def dual_scan(
         xs = {**xs, **model.fused_inputs(xs)}
         keys = model.fused_scan_keys + (("k", "v", "extra", "eta_last", "valid") if num_steps > 1 else ())
         scan_xs = {key: xs[key] for key in dict.fromkeys(keys) if key in xs}
-        carry0 = model.pack(fast)
-        final, ys = _scan(fused_body, carry0, scan_xs, remat_group, unroll=FUSED_UNROLL)
+        final, ys = _scan(fused_body, model.pack(fast), scan_xs, remat_group, unroll=FUSED_UNROLL)
         return (model.unpack(final), *_fused_finish(model, xs, ys))
 
     batch = xs["q"].shape[1]
