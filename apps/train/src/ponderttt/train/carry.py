@@ -129,7 +129,7 @@ def roll_out_carry(model: Any, gate: Any, batches: Sequence[dict[str, Any]], *, 
                 if decision.action is None:  # continuous: one pass at the gate's λ
                     loss, _, fast, _, _, _ = passes[1](state, *args, decision.scale, *tail)
                 else:
-                    action = np.asarray(decision.action)
+                    action = distributed.to_host(decision.action)
                     loss, new_fast = skip_loss, fast
                     for code in sorted(set(action.tolist()) - {0}):
                         chosen = jnp.asarray(action == code)
@@ -142,9 +142,9 @@ def roll_out_carry(model: Any, gate: Any, batches: Sequence[dict[str, Any]], *, 
                         new_fast = select(chosen, code_fast, new_fast)
                     fast = new_fast
                     row["actions"].append(action)
-                row["loss"].append(np.asarray(loss))
-                row["scales"].append(np.asarray(decision.scale))
-                row["tokens"].append(np.asarray(tokens))
+                row["loss"].append(distributed.to_host(loss))
+                row["scales"].append(distributed.to_host(decision.scale))
+                row["tokens"].append(distributed.to_host(tokens))
             for k, v in row.items():
                 if v:
                     out[k].append(np.stack(v, axis=1))

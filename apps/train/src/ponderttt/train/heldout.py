@@ -145,7 +145,7 @@ def evaluate_held_out(model: Any, batches: list[dict[str, Any]], *, data: DataCo
             batch = {k: distributed.global_batch(np.asarray(raw[k]), mesh, data.batch_size) for k in BATCH_KEYS}
             for a, run in enumerate(passes):
                 start = time.perf_counter()
-                result = jax.device_get(run(state, batch))
+                result = distributed.to_host(run(state, batch))
                 if index > 0:  # the first batch includes compilation
                     seconds[a] += time.perf_counter() - start
                 if a == 0:
@@ -157,7 +157,8 @@ def evaluate_held_out(model: Any, batches: list[dict[str, Any]], *, data: DataCo
                     if a == 1:
                         parts["ttt_improvement"].append(result[1])
             timed_chunks += 0 if index == 0 else data.batch_size * data.chunks_per_sequence
-            parts["documents"].append(_document_ids(np.asarray(raw["doc_ids"]), index, data.chunk_size))
+            doc_ids = distributed.to_host(distributed.global_batch(np.asarray(raw["doc_ids"]), mesh, data.batch_size))
+            parts["documents"].append(_document_ids(doc_ids, index, data.chunk_size))
     skip_loss = np.concatenate(losses[0])
     loss = np.stack([np.concatenate(per) if per else np.full_like(skip_loss, np.nan) for per in losses], -1)
     tokens = np.concatenate(parts["tokens"])
@@ -212,5 +213,5 @@ def losses_at_scales(model: Any, batches: list[dict[str, Any]], scales: np.ndarr
             rows = np.asarray(scales[index * data.batch_size:(index + 1) * data.batch_size], np.float32)
             local = rows if len(raw["input_ids"]) == data.batch_size else rows[mine]  # λ rows match the batch's
             lam = distributed.global_batch(local, mesh, data.batch_size)
-            losses.append(np.asarray(jax.device_get(run(state, batch, lam))))
+            losses.append(distributed.to_host(run(state, batch, lam)))
     return np.concatenate(losses)

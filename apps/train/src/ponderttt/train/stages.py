@@ -84,15 +84,17 @@ def start(command: str, preset: str, config: Any) -> tuple[RunDir, Any]:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
     mesh = distributed.make_mesh(config.platform.mesh)
     run_dir = resolve_run_dir(config.run, command, preset)
-    if config.run.resume:
-        recorded = json.loads(run_dir.config_file.read_text())
+    # the run keeps the config it was made with; a later command's config goes beside it
+    record = run_dir.root / f"config-{command}.json" if command in LATER_STAGES else run_dir.config_file
+    if config.run.resume and record.is_file():
+        recorded = json.loads(record.read_text())
         if recorded.get("hash") not in (None, config_hash(config)):
-            raise ConfigError(f"--resume: the flags differ from those run {run_dir.name!r} started with "
-                              f"({run_dir.config_file}); pass the same preset and flags to resume bit-identically")
+            raise ConfigError(f"--resume: the flags differ from those `{command}` of run {run_dir.name!r} started "
+                              f"with ({record}); pass the same preset and flags to resume bit-identically")
     elif jax.process_index() == 0:
-        if command in LATER_STAGES:  # the run keeps the config it was made with; this command's goes beside it
+        if command in LATER_STAGES:
             run_dir.root.mkdir(parents=True, exist_ok=True)
-            (run_dir.root / f"config-{command}.json").write_text(json.dumps(
+            record.write_text(json.dumps(
                 {"command": command, "preset": preset, "hash": config_hash(config), "config": to_dict(config)},
                 indent=2, sort_keys=True) + "\n")
         else:
