@@ -3,9 +3,11 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 APP = pathlib.Path(__file__).resolve().parents[1] / "apps" / "train"
@@ -16,6 +18,18 @@ LEARNED = ("gumbel", "continuous", "ppo")
 def run_app(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, COLUMNS="250", JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, str(APP), *args], capture_output=True, text=True, timeout=900, env=env)
+
+
+def load_exported(folder: pathlib.Path) -> dict[str, np.ndarray]:
+    """The parameters of an exported gate (an Orbax checkpoint), flattened by path."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(folder) as manager:
+        step = manager.latest_step()
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    leaves = jax.tree_util.tree_leaves_with_path(restored["state"])
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
 
 
 @pytest.mark.slow
@@ -46,6 +60,25 @@ def test_smoke_pipeline(tmp_path):
     assert stages == {"pretrain", "ttt"} | {f"gate_{g}" for g in LEARNED}
     assert (run / "adapter").is_dir() and list((run / "tensorboard" / "ttt").glob("events.*"))
     assert all((run / f"gate_{g}").is_dir() for g in LEARNED)
+
+    # a `gate` run killed after its first checkpoint: the PPO gate (optimizer, PID controller, RNG, data iterator)
+    # resumes from step 10 to the same metrics and parameters; the finished gumbel and continuous gates are reused
+    def ppo_lines() -> list[dict]:  # every logged value of the stage but the wall-clock time
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in row.items() if k != "time"} for row in rows if row["stage"] == "gate_ppo"]
+
+    finished, exported = ppo_lines(), load_exported(run / "gate_ppo")
+    shutil.rmtree(run / "checkpoints" / "gate_ppo" / "20")
+    shutil.rmtree(run / "gate_ppo")
+    resumed = run_app("gate", "--preset", "smoke", "--output-dir", str(tmp_path), "--name", "smoke", "--resume",
+                      "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "gate gumbel: reused" in resumed.stdout and "gate ppo: trained" in resumed.stdout
+    assert ppo_lines() == finished and len(finished) == 4  # steps 5, 10, 15, 20, bit-identical
+    again_exported = load_exported(run / "gate_ppo")
+    assert again_exported.keys() == exported.keys()
+    for name, value in exported.items():
+        np.testing.assert_array_equal(again_exported[name], value, err_msg=name)
 
     again = run_app("pretrain", "--preset", "smoke", "--output-dir", str(tmp_path), "--no-progress")
     assert again.returncode == 0, again.stderr[-4000:]
