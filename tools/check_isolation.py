@@ -2,7 +2,8 @@
 
 For each package under packages/:
   1. its tests pass in an environment holding only that package and its declared dependencies
-     (`uv run --exact --package <pkg>`, in `.venvs/<pkg>` so the main `.venv` is untouched);
+     (`uv run --exact --package <pkg>`, in `.venvs/<pkg>` so the main `.venv` is untouched); the tests marked
+     slow are left out here (they run in the workspace suite, `uv run pytest`, with the same code);
   2. `uv build --package <pkg>` gives a wheel that installs into an empty venv and imports.
 
 Usage: uv run python tools/check_isolation.py [--only ponderttt-ttt ...] [--skip-tests] [--skip-wheels]
@@ -61,7 +62,7 @@ def check_tests(name: str, folder: pathlib.Path) -> bool:
     env = dict(os.environ, UV_PROJECT_ENVIRONMENT=str(ROOT / ".venvs" / name))
     env.pop("VIRTUAL_ENV", None)
     rc = run([*uv(), "run", "--locked", "--exact", "--package", name,
-              "pytest", "-q", "-p", "no:cacheprovider", str(folder.relative_to(ROOT))], env=env)
+              "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", str(folder.relative_to(ROOT))], env=env)
     if rc == 5:
         print(f"FAIL {name}: pytest collected no tests", flush=True)
     return rc == 0
