@@ -32,6 +32,8 @@ def flat(text: str) -> str:
         (["compare", "--compare.methods", "skip", "orcale"], "unknown gate name 'orcale'"),
         (["--preset", "laptop"], "--preset='laptop' is not a preset"),
         (["reproduce", "--scales", "7b"], "unknown scale '7b'"),
+        (["gate", "--gate.ppo-minibatches", "7"], "--gate.ppo-minibatches=7 does not divide the 32 decisions"),
+        (["evaluate", "--evaluate.benchmarks", "humaneval", "leetcode"], "leetcode"),
     ],
 )
 def test_bad_values_are_named(args, expected):
