@@ -1,4 +1,4 @@
-"""The shared math: blockwise causal attention equals full attention; RoPE and norms keep their invariants."""
+"""The shared math: blockwise and per-head looped causal attention equal full attention; RoPE, norm invariants."""
 
 from __future__ import annotations
 
@@ -21,11 +21,13 @@ def test_blockwise_attention_equals_full_attention(block, window, kv_heads):
     valid[1, :6] = False  # left padding
     slots = jnp.broadcast_to(jnp.arange(t), (b, t))
     mask = causal_mask(slots, jnp.arange(t), jnp.asarray(valid), window)
-    attend = jax.jit(attention, static_argnames=("scale", "query_block", "window"))
+    attend = jax.jit(attention, static_argnames=("scale", "query_block", "window", "loop"))
     full = attend(q, k, v, mask, 0.3)
     blocked = attend(q, k, v, mask, 0.3, query_block=block, window=window)
+    looped = attend(q, k, v, mask, 0.3, query_block=block, window=window, loop=True)
     assert np.isfinite(np.asarray(blocked)).all()  # padded query rows see no key: finite, meaningless
     np.testing.assert_allclose(np.asarray(blocked)[valid], np.asarray(full)[valid], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(looped), np.asarray(blocked), atol=1e-6)
 
 
 def test_rope_preserves_norms_and_relative_positions():

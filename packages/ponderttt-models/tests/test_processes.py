@@ -3,7 +3,8 @@
 Each process has 2 CPU devices; the (fsdp=2, tensor=2) mesh spans both processes. The checkpoint is a
 tiny Gemma 3 written as several safetensors files with an index. Every tensor read is recorded: a process
 must read exactly the distinct slices its own devices hold (nothing twice, nothing of the other process's
-rows), and the logits must equal single-process loading.
+rows), and the logits must equal single-process loading. Both processes then save the sharded model
+together (save_hf_causal_lm gathers; process 0 writes) and the result equals the single-process parameters.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ponderttt.models.hf as hf
-from ponderttt.models import load_hf_causal_lm, make_mesh
+from ponderttt.models import load_hf_causal_lm, make_mesh, save_hf_causal_lm
 
 class CountingSlice:  # a safetensors slice whose reads are recorded with their size in bytes
     def __init__(self, key, inner):
@@ -66,6 +67,7 @@ ids = np.load(folder + "/ids.npy")
 global_ids = jax.make_array_from_callback(ids.shape, NamedSharding(mesh, P()), lambda idx: ids[idx])
 logits = nnx.jit(lambda m, i: m(i).logits)(model, global_ids)
 full = multihost_utils.process_allgather(logits, tiled=True)
+save_hf_causal_lm(model, folder + "_saved")  # every process gathers its shards; process 0 writes
 print("RESULT" + json.dumps({"pid": jax.process_index(), "held": held, "slice_reads": slice_reads,
                              "byte_reads": byte_reads, "logits": np.asarray(full).tolist()}), flush=True)
 jax.distributed.shutdown()
@@ -127,6 +129,13 @@ def test_two_processes_read_only_their_shards_and_match_one_process(tmp_path, hf
         )
         read_bytes = sum(n for _, n in r["byte_reads"])
         assert read_bytes == held_bytes < total_bytes
+
+    # Saving the model sharded over both processes gives back exactly the single-process parameters.
+    saved = load_hf_causal_lm(str(folder) + "_saved")
+    for (path, a), (_, b) in zip(
+        nnx.to_flat_state(nnx.state(single)), nnx.to_flat_state(nnx.state(saved)), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(b.get_value()), np.asarray(a.get_value()), err_msg=str(path))
 
     # q_proj [36, 40] is P('fsdp', 'tensor'): process 0 reads rows 0:18, process 1 rows 18:36, both column halves.
     q = "blocks.0.self_attn.q_proj.kernel"

@@ -488,16 +488,24 @@ def save_hf_causal_lm(
     folder = pathlib.Path(path)
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} exists; pass overwrite=True to replace it or choose another path")
+    model_type = hf_config_dict(model.config)["model_type"]
+    if (config or {}).get("model_type", model_type) != model_type:
+        raise ValueError(f"config= may not change model_type {model_type!r} (got {config['model_type']!r})")
     tensors = export_tensors(model, dtype=dtype)
-    if jax.process_index() != 0:
-        return folder
+    if jax.process_index() == 0:
+        _write_hf_dir(folder, model.config, tensors, config, max_shard_bytes)
+    if jax.process_count() > 1:  # nobody reads the directory before process 0 has renamed it into place
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"save_hf_causal_lm {folder}")
+    return folder
+
+
+def _write_hf_dir(folder: pathlib.Path, arch, tensors: dict[str, np.ndarray], config, max_shard_bytes) -> None:
     dtypes = {str(v.dtype) for v in tensors.values()}
-    fields = hf_config_dict(model.config)
+    fields = hf_config_dict(arch)
     fields["dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"
     fields.update(dict(config or {}))
-    if fields["model_type"] != hf_config_dict(model.config)["model_type"]:
-        raise ValueError(f"config= may not change model_type (got {fields['model_type']!r})")
-
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -525,7 +533,6 @@ def save_hf_causal_lm(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return folder
 
 
 @dataclasses.dataclass

@@ -65,7 +65,9 @@ def causal_mask(q_slots_bt, k_slots_s, key_valid_bs, window: int | None):
     return allowed
 
 
-def attention(q_bthd, k_bshd, v_bshd, mask_bts, scale: float, *, query_block: int | None = None, window=None):
+def attention(
+    q_bthd, k_bshd, v_bshd, mask_bts, scale: float, *, query_block: int | None = None, window=None, loop=False
+):
     """Scaled dot-product attention with grouped queries (query head j reads kv head j // group, HF's order).
 
     Computed head-major: q as [B, kv, group * T, D] against k, v as [B, kv, S, D], so grouped queries share
@@ -74,26 +76,47 @@ def attention(q_bthd, k_bshd, v_bshd, mask_bts, scale: float, *, query_block: in
 
     query_block: without a cache (query i is key slot i), queries are processed in blocks that only attend to
     the keys a causal (and `window`ed) query can see, skipping the masked upper triangle: about half the work.
-    The result is the same up to float rounding.
+    loop: attend one (sequence, kv head) at a time in a `lax.map` loop, so that the [T, S] score tiles of the
+    several passes (scores, mask, max, exp, sum, values) stay in cache: about 1.5x faster on CPU at T = 1024.
+    Only for unsharded runs: a loop over a sharded batch or head axis would gather it.
+    The result is the same up to float rounding whatever the options.
     """
     b, t, h, d = q_bthd.shape
     kv, s = k_bshd.shape[2], k_bshd.shape[1]
     group = h // kv
+    if query_block is not None and t > query_block and t != s:
+        raise ValueError(f"query_block needs one key per query slot (no cache); got {t} queries, {s} keys")
     q = q_bthd.reshape(b, t, kv, group, d).transpose(0, 2, 3, 1, 4)  # [B, kv, G, T, D]
     k = k_bshd.transpose(0, 2, 1, 3)  # [B, kv, S, D]
     v = v_bshd.transpose(0, 2, 1, 3)
-    if query_block is None or t <= query_block:
-        out = _attend(q, k, v, mask_bts, scale)
+    if loop:
+
+        def one_sequence(args):
+            q_b, k_b, v_b, mask_b = args  # [kv, G, T, D], [kv, S, D], [kv, S, D], [T, S]
+
+            def one_head(head):
+                q_h, k_h, v_h = (x[None, None] for x in head)
+                return _attend_blocks(q_h, k_h, v_h, mask_b[None], scale, query_block, window)[0, 0]
+
+            return jax.lax.map(one_head, (q_b, k_b, v_b))
+
+        out = jax.lax.map(one_sequence, (q, k, v, mask_bts))
     else:
-        if t != s:
-            raise ValueError(f"query_block needs one key per query slot (no cache); got {t} queries, {s} keys")
-        outs = []
-        for t0 in range(0, t, query_block):
-            t1 = min(t, t0 + query_block)
-            lo = 0 if window is None else max(0, t0 - window + 1)
-            outs.append(_attend(q[:, :, :, t0:t1], k[:, :, lo:t1], v[:, :, lo:t1], mask_bts[:, t0:t1, lo:t1], scale))
-        out = jnp.concatenate(outs, axis=3)
+        out = _attend_blocks(q, k, v, mask_bts, scale, query_block, window)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q_bthd.dtype)
+
+
+def _attend_blocks(q, k, v, mask_bts, scale: float, query_block: int | None, window: int | None):
+    """q [B, kv, G, T, D] over k, v [B, kv, S, D]: in query blocks skipping masked keys when query_block is set."""
+    t = q.shape[3]
+    if query_block is None or t <= query_block:
+        return _attend(q, k, v, mask_bts, scale)
+    outs = []
+    for t0 in range(0, t, query_block):
+        t1 = min(t, t0 + query_block)
+        lo = 0 if window is None else max(0, t0 - window + 1)
+        outs.append(_attend(q[:, :, :, t0:t1], k[:, :, lo:t1], v[:, :, lo:t1], mask_bts[:, t0:t1, lo:t1], scale))
+    return jnp.concatenate(outs, axis=3)
 
 
 def _attend(q_bkgtd, k_bksd, v_bksd, mask_bts, scale: float):

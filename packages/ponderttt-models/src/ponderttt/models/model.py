@@ -304,7 +304,7 @@ class GPT2Attention(nnx.Module):
         v = constrain(split_heads(self.v(x), self.num_heads), ACT_BTHD, mesh, rules)
         (k, v), new_kv = _write_cache(k, v, layer_cache)
         block = ATTENTION_QUERY_BLOCK if layer_cache is None else None
-        out = attention(q, k, v, mask, self.scale, query_block=block)
+        out = attention(q, k, v, mask, self.scale, query_block=block, loop=_unsharded(mesh))
         return self.c_proj(merge_heads(out)), new_kv
 
 
@@ -411,7 +411,7 @@ class Gemma3Attention(nnx.Module):
         k = apply_rope(self.k_norm(k), positions, inv_freq)
         (k, v), new_kv = _write_cache(k, v, layer_cache)
         block = ATTENTION_QUERY_BLOCK if layer_cache is None else None
-        out = attention(q, k, v, mask, self.scale, query_block=block, window=self.window)
+        out = attention(q, k, v, mask, self.scale, query_block=block, window=self.window, loop=_unsharded(mesh))
         return self.o_proj(merge_heads(out)), new_kv
 
 
@@ -502,6 +502,11 @@ class Gemma3(CausalLM):
             logits = jnp.einsum("...c,cv->...v", h, self.lm_head.kernel[...], preferred_element_type=jnp.float32)
         cap = self.config.final_logit_softcapping
         return logits if cap is None else jnp.tanh(logits / cap) * cap
+
+
+def _unsharded(mesh) -> bool:
+    """No mesh given and none set: attention may loop over sequences and heads (see layers.attention)."""
+    return mesh is None and jax.sharding.get_abstract_mesh().empty
 
 
 def _write_cache(k_new, v_new, layer_cache):
