@@ -304,7 +304,8 @@ class GPT2Attention(nnx.Module):
         v = constrain(split_heads(self.v(x), self.num_heads), ACT_BTHD, mesh, rules)
         (k, v), new_kv = _write_cache(k, v, layer_cache)
         block = ATTENTION_QUERY_BLOCK if layer_cache is None else None
-        out = attention(q, k, v, mask, self.scale, query_block=block, loop=_unsharded(mesh))
+        loop = block is not None and _unsharded(mesh)
+        out = attention(q, k, v, mask, self.scale, query_block=block, loop=loop)
         return self.c_proj(merge_heads(out)), new_kv
 
 
@@ -411,7 +412,8 @@ class Gemma3Attention(nnx.Module):
         k = apply_rope(self.k_norm(k), positions, inv_freq)
         (k, v), new_kv = _write_cache(k, v, layer_cache)
         block = ATTENTION_QUERY_BLOCK if layer_cache is None else None
-        out = attention(q, k, v, mask, self.scale, query_block=block, window=self.window, loop=_unsharded(mesh))
+        loop = block is not None and _unsharded(mesh)
+        out = attention(q, k, v, mask, self.scale, query_block=block, window=self.window, loop=loop)
         return self.o_proj(merge_heads(out)), new_kv
 
 
@@ -505,7 +507,8 @@ class Gemma3(CausalLM):
 
 
 def _unsharded(mesh) -> bool:
-    """No mesh given and none set: attention may loop over sequences and heads (see layers.attention)."""
+    """No mesh given and none set: attention may loop over sequences and heads (see layers.attention). Only
+    without a cache: a decoding step's one query per row would make the loop's per-iteration cost dominate."""
     return mesh is None and jax.sharding.get_abstract_mesh().empty
 
 
