@@ -23,8 +23,6 @@ from ponderttt.train.adapter import BATCH_KEYS, chunk_losses
 from ponderttt.train.compare import UPDATE_ACTION, HeldOut, make_method_gate, method_budgets, method_record
 from ponderttt.train.config import DataConfig
 
-STEPS_OF_ACTION = (0, 1, 2, 4)
-
 
 class CarryUnsupported(ValueError):
     """The model's adapters are not only at the head (the chunk loop would need the backbone's KV cache)."""
@@ -90,7 +88,7 @@ def roll_out_carry(model: Any, gate: Any, batches: Sequence[dict[str, Any]], *, 
     import jax.numpy as jnp
     from flax import nnx
 
-    from ponderttt.gating import FeatureExtractor, GateInput
+    from ponderttt.gating import NUM_STEPS, FeatureExtractor, GateInput
 
     site = _head_site(model)
     c = data.chunk_size
@@ -111,7 +109,7 @@ def roll_out_carry(model: Any, gate: Any, batches: Sequence[dict[str, Any]], *, 
             batch = {k: distributed.global_batch(np.asarray(raw[k]), mesh, data.batch_size) for k in BATCH_KEYS}
             h_all = hidden(state, batch["input_ids"])
             b = h_all.shape[0]
-            fast = jax.tree.map(lambda x: x, site.layer.init_state(b))
+            fast = site.layer.init_state(b)
             fstate, gstate = extractor.init_state(b), gate.init_state(b)
             row = {k: [] for k in out}
             for j in range(data.chunks_per_sequence):
@@ -136,7 +134,7 @@ def roll_out_carry(model: Any, gate: Any, batches: Sequence[dict[str, Any]], *, 
                         if code == UPDATE_ACTION:
                             code_loss, code_fast = upd_loss, upd_fast
                         else:
-                            code_loss, _, code_fast, _, _, _ = passes[STEPS_OF_ACTION[code]](
+                            code_loss, _, code_fast, _, _, _ = passes[NUM_STEPS[code]](
                                 state, *args, jnp.ones((b,)), *tail)
                         loss = jnp.where(chosen, code_loss, loss)
                         new_fast = select(chosen, code_fast, new_fast)

@@ -173,3 +173,8 @@ def fixed_batches(data: DataConfig, tok: Any, split: str, count: int) -> list[di
         raise ConfigError(f"the {split} split of --data.corpus={data.corpus} fills no batch of "
                           f"{data.batch_size} x {data.seq_len} tokens; lower --data.batch-size or --data.seq-len")
     return taken
+
+
+def language(data: DataConfig) -> str:
+    """The language name held-out chunks are reported under: python for the stdlib corpus, else code."""
+    return "python" if data.corpus == "stdlib" else "code"

@@ -118,3 +118,11 @@ def to_host(tree: Any) -> Any:
         return np.asarray(jax.device_get(leaf))
 
     return jax.tree.map(fetch, tree)
+
+
+def say(message: str) -> None:
+    """Prints `message` once per run: on process 0."""
+    import jax
+
+    if jax.process_index() == 0:
+        print(message, flush=True)

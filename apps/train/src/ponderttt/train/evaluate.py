@@ -40,7 +40,9 @@ from typing import Any
 
 import numpy as np
 
+from ponderttt.train import corpus
 from ponderttt.train.config import ConfigError, EvaluateConfig, to_dict
+from ponderttt.train.distributed import say
 from ponderttt.train.rundir import RunDir
 
 RESULTS_FILE = "evaluate.json"
@@ -381,13 +383,12 @@ def generate_completions(model: Any, tok: Any, prompts: Sequence[str], runner: G
 
 def calibration_signal(config: Any, tok: Any, model: Any, mesh: Any) -> np.ndarray:
     """Probe (step-0 reconstruction) losses of the validation split's chunks under SKIP, as `compare` uses."""
-    from ponderttt.train import corpus, heldout
+    from ponderttt.train import heldout
     from ponderttt.train.backbone import EVAL_BATCHES
 
     batches = corpus.fixed_batches(config.data, tok, "val", EVAL_BATCHES)
-    language = "python" if config.data.corpus == "stdlib" else "code"
-    held, _ = heldout.evaluate_held_out(model, batches, data=config.data, mesh=mesh, language=language,
-                                        skip_only=True)
+    held, _ = heldout.evaluate_held_out(model, batches, data=config.data, mesh=mesh,
+                                        language=corpus.language(config.data), skip_only=True)
     return np.asarray(held.signal, np.float64).reshape(-1)
 
 
@@ -495,7 +496,7 @@ def run_evaluate(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, 
                                                       seed=config.run.seed)
             records.append(record)
             samples.extend(task_samples)
-            _say(f"evaluate {task.name} / {method}: {record['metric']} {record['value']:.3f} on "
+            say(f"evaluate {task.name} / {method}: {record['metric']} {record['value']:.3f} on "
                  f"{record['n_problems']} problems, update rate {_rate(record['update_rate'])}, "
                  f"{record['generated_tokens']} tokens in {record['seconds']:.1f} s")
     summary = {
@@ -519,20 +520,13 @@ def run_evaluate(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, 
     }
     if jax.process_index() == 0:
         write_outputs(run_dir.root, summary, samples)
-        _say(f"evaluate: wrote {run_dir.root / RESULTS_FILE}, {run_dir.root / REPORT_FILE} and "
+        say(f"evaluate: wrote {run_dir.root / RESULTS_FILE}, {run_dir.root / REPORT_FILE} and "
              f"{run_dir.root / SAMPLES_FILE}")
     return summary
 
 
 def _rate(rate: float | None) -> str:
     return "-" if rate is None else f"{rate:.3f}"
-
-
-def _say(message: str) -> None:
-    import jax
-
-    if jax.process_index() == 0:
-        print(message, flush=True)
 
 
 def render_markdown(summary: dict[str, Any]) -> str:

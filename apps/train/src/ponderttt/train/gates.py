@@ -25,14 +25,11 @@ import pathlib
 from typing import Any
 
 from ponderttt.train import corpus, distributed
-from ponderttt.train.adapter import BATCH_KEYS, chunk_losses, forward
+from ponderttt.train.adapter import BATCH_KEYS, forward
 from ponderttt.train.checkpoint import Checkpointer, data_to_key, has_checkpoint, key_to_data
 from ponderttt.train.config import TRAINABLE_GATES, DataConfig, GateConfig, RunConfig
 from ponderttt.train.loop import train_loop
 from ponderttt.train.rundir import RunDir
-
-IMPLEMENTED = TRAINABLE_GATES
-UPDATE_STEPS = (1, 2, 4)  # inner steps of UPDATE_1, UPDATE_2, UPDATE_4 (action codes 1..3)
 
 
 def export_dir(run_dir: RunDir, name: str) -> pathlib.Path:
@@ -52,8 +49,8 @@ def build_gate(name: str, gate: GateConfig, seed: int) -> Any:
 
     from ponderttt.gating import FeatureExtractor, PIDConfig, make_gate
 
-    if name not in IMPLEMENTED:
-        raise ValueError(f"gate {name!r} has no trainer; trainable gates: {', '.join(IMPLEMENTED)}")
+    if name not in TRAINABLE_GATES:
+        raise ValueError(f"gate {name!r} has no trainer; trainable gates: {', '.join(TRAINABLE_GATES)}")
     common = {"rngs": nnx.Rngs(seed + 2), "num_features": FeatureExtractor().num_features}
     if name == "gumbel":
         return make_gate("gumbel", anneal_steps=gate.train_steps, **common)
@@ -69,12 +66,10 @@ def skip_pass(model: Any, batch: dict[str, Any], chunk_size: int) -> tuple[Any, 
     causal gate may read, and the no-update loss."""
     import jax
 
-    from ponderttt.train.heldout import _features
+    from ponderttt.train.heldout import skip_outputs
 
-    out = forward(model, batch, chunk_size=chunk_size, num_steps=1, gating_scale=0.0, protocol="reset")
-    features = _features(out.logits, out.ttt_stats, batch["loss_mask"], batch["doc_start"], chunk_size)
-    loss = chunk_losses(out.logits, batch["targets"], batch["loss_mask"], chunk_size)[0]
-    return jax.lax.stop_gradient((features, out.ttt_stats.chunk_loss_step0, loss))
+    out = skip_outputs(model, batch, chunk_size)
+    return jax.lax.stop_gradient((out["features"], out["signal"], out["loss"]))
 
 
 def skip_features(model: Any, batch: dict[str, Any], chunk_size: int) -> tuple[Any, Any]:
@@ -184,11 +179,10 @@ def action_losses(model: Any, batch: dict[str, Any], chunk_size: int) -> tuple[A
     import jax
     import jax.numpy as jnp
 
+    from ponderttt.train.heldout import ACTION_PASSES, update_outputs
+
     features, _, skip_loss = skip_pass(model, batch, chunk_size)
-    losses = [skip_loss]
-    for steps in UPDATE_STEPS:
-        out = forward(model, batch, chunk_size=chunk_size, num_steps=steps, gating_scale=1.0, protocol="reset")
-        losses.append(chunk_losses(out.logits, batch["targets"], batch["loss_mask"], chunk_size)[0])
+    losses = [skip_loss] + [update_outputs(model, batch, chunk_size, k)[0] for _, k in ACTION_PASSES[1:]]
     return features, jax.lax.stop_gradient(jnp.stack(losses, axis=-1))
 
 

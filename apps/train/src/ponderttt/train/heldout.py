@@ -71,40 +71,41 @@ def _features(logits: Any, stats: Any, mask: Any, doc_start: Any, chunk_size: in
     return jnp.swapaxes(features, 0, 1)
 
 
+def skip_outputs(model: Any, batch: dict[str, Any], chunk_size: int) -> dict[str, Any]:
+    """The SKIP pass (λ = 0) of a batch, per chunk [B, N]: loss, tokens, the step-0 reconstruction loss
+    ("signal", the no-update probe), gate features [B, N, F], prediction entropy and confidence."""
+    out = forward(model, batch, chunk_size=chunk_size, num_steps=1, gating_scale=0.0, protocol="reset")
+    loss, tokens = chunk_losses(out.logits, batch["targets"], batch["loss_mask"], chunk_size)
+    features = _features(out.logits, out.ttt_stats, batch["loss_mask"], batch["doc_start"], chunk_size)
+    entropy, confidence = _chunk_entropy_confidence(out.logits, batch["loss_mask"], chunk_size)
+    return {"loss": loss, "tokens": tokens, "signal": out.ttt_stats.chunk_loss_step0, "features": features,
+            "entropy": entropy, "confidence": confidence}
+
+
+def update_outputs(model: Any, batch: dict[str, Any], chunk_size: int, steps: int) -> tuple[Any, Any]:
+    """The UPDATE_k pass (λ = 1, k inner steps), per chunk [B, N]: (loss, reconstruction-loss improvement)."""
+    out = forward(model, batch, chunk_size=chunk_size, num_steps=steps, gating_scale=1.0, protocol="reset")
+    loss = chunk_losses(out.logits, batch["targets"], batch["loss_mask"], chunk_size)[0]
+    stats = out.ttt_stats  # how much the update lowered the inner reconstruction loss of the chunk
+    return loss, stats.chunk_loss_step0 - stats.chunk_loss_after[..., -1]
+
+
 @functools.lru_cache(maxsize=16)
 def _skip_pass(graphdef: Any, chunk_size: int) -> Any:
-    """The jitted SKIP pass of a model structure (cached: every command and roll-out reuses one compilation)."""
+    """`skip_outputs` jitted for a model structure (cached: every command and roll-out reuses one compilation)."""
     import jax
     from flax import nnx
 
-    @jax.jit
-    def run(state: Any, batch: dict[str, Any]) -> dict[str, Any]:
-        m = nnx.merge(graphdef, state)
-        out = forward(m, batch, chunk_size=chunk_size, num_steps=1, gating_scale=0.0, protocol="reset")
-        loss, tokens = chunk_losses(out.logits, batch["targets"], batch["loss_mask"], chunk_size)
-        features = _features(out.logits, out.ttt_stats, batch["loss_mask"], batch["doc_start"], chunk_size)
-        entropy, confidence = _chunk_entropy_confidence(out.logits, batch["loss_mask"], chunk_size)
-        return {"loss": loss, "tokens": tokens, "signal": out.ttt_stats.chunk_loss_step0, "features": features,
-                "entropy": entropy, "confidence": confidence}
-
-    return run
+    return jax.jit(lambda state, batch: skip_outputs(nnx.merge(graphdef, state), batch, chunk_size))
 
 
 @functools.lru_cache(maxsize=16)
 def _update_pass(graphdef: Any, chunk_size: int, steps: int) -> Any:
-    """The jitted UPDATE_k pass (λ = 1, k inner steps): (chunk loss, reconstruction-loss improvement)."""
+    """`update_outputs` jitted for a model structure (cached)."""
     import jax
     from flax import nnx
 
-    @jax.jit
-    def run(state: Any, batch: dict[str, Any]) -> Any:
-        m = nnx.merge(graphdef, state)
-        out = forward(m, batch, chunk_size=chunk_size, num_steps=steps, gating_scale=1.0, protocol="reset")
-        loss = chunk_losses(out.logits, batch["targets"], batch["loss_mask"], chunk_size)[0]
-        stats = out.ttt_stats  # how much the update lowered the inner reconstruction loss of the chunk
-        return loss, stats.chunk_loss_step0 - stats.chunk_loss_after[..., -1]
-
-    return run
+    return jax.jit(lambda state, batch: update_outputs(nnx.merge(graphdef, state), batch, chunk_size, steps))
 
 
 @functools.lru_cache(maxsize=16)
@@ -211,7 +212,6 @@ def losses_at_scales(model: Any, batches: list[dict[str, Any]], scales: np.ndarr
         for index, raw in enumerate(batches):
             batch = {k: distributed.global_batch(np.asarray(raw[k]), mesh, data.batch_size) for k in BATCH_KEYS}
             rows = np.asarray(scales[index * data.batch_size:(index + 1) * data.batch_size], np.float32)
-            local = rows if len(raw["input_ids"]) == data.batch_size else rows[mine]  # λ rows match the batch's
-            lam = distributed.global_batch(local, mesh, data.batch_size)
+            lam = distributed.global_batch(rows[mine], mesh, data.batch_size)  # this process's rows, as the batch's
             losses.append(distributed.to_host(run(state, batch, lam)))
     return np.concatenate(losses)

@@ -10,6 +10,7 @@ from typing import Any
 
 from ponderttt.train import distributed
 from ponderttt.train.config import SCALE_DIRS, TRAINABLE_GATES, ConfigError, to_dict
+from ponderttt.train.distributed import say
 from ponderttt.train.rundir import RunDir, config_hash, require_backbone_dir, resolve_run_dir
 
 LATER_STAGES = ("gate", "compare", "analyze", "evaluate")  # commands that work on an existing run
@@ -46,10 +47,8 @@ def check_prerequisites(command: str, preset: str, config: Any) -> None:
         run = _existing_run(config, command, preset)
         run.require_checkpoint("ttt", produced_by="ttt")
         if command == "compare":
-            from ponderttt.train.gates import IMPLEMENTED
-
             for gate in config.compare.methods:
-                if gate in IMPLEMENTED:
+                if gate in TRAINABLE_GATES:
                     run.require_checkpoint(f"gate_{gate}", produced_by="gate")
     if command == "evaluate" and config.evaluate.benchmark_dir is None:
         raise ConfigError("`evaluate` needs --evaluate.benchmark-dir DIR holding <benchmark>.jsonl files "
@@ -165,17 +164,10 @@ def run_ttt(command: str, preset: str, config: Any) -> tuple[RunDir, Any, Any, A
     return run_dir, mesh, tok, model
 
 
-def say(message: str) -> None:
-    import jax
-
-    if jax.process_index() == 0:
-        print(message, flush=True)
-
-
 def run_compare(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, command: str,
-                trained: dict[str, Any] | None = None) -> tuple[list[str], list[str]]:
-    """Compares every method that is available (all but untrained learned gates) under the configured protocols;
-    writes results.json, report.md and plots into the run directory. Returns (methods left out, protocols run)."""
+                trained: dict[str, Any] | None = None) -> None:
+    """Compares every configured method (learned gates: those in `trained`) under the configured protocols;
+    writes results.json, report.md and plots into the run directory."""
     import numpy as np
 
     from ponderttt.eval import comparison_record, write_report
@@ -183,7 +175,7 @@ def run_compare(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, c
     from ponderttt.train.backbone import EVAL_BATCHES
 
     data, cmp = config.data, config.compare
-    language = "python" if data.corpus == "stdlib" else "code"
+    language = corpus.language(data)
     n_batches = -(-cmp.eval_sequences // data.batch_size)
     test_batches = corpus.fixed_batches(data, tok, "test", n_batches)
     held, wall = heldout.evaluate_held_out(model, test_batches, data=data, mesh=mesh, language=language)
@@ -192,8 +184,7 @@ def run_compare(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, c
                                        data=data, mesh=mesh, language=language, skip_only=True)
     costs = heldout.cost_table(model.config, data, config.adapter, wall or None)
     trained = dict(trained or {})
-    left_out = [m for m in cmp.methods if m in TRAINABLE_GATES and m not in trained]
-    methods = [m for m in cmp.methods if m not in left_out]
+    methods = list(cmp.methods)
 
     def loss_at_scale(scales: Any) -> Any:  # continuous gates: one pass at their λ
         return heldout.losses_at_scales(model, test_batches, scales, data=data, mesh=mesh)
@@ -227,7 +218,7 @@ def run_compare(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, c
     run_info = {"run": run_dir.name, "command": command, "seed": config.run.seed,
                 "backbone": config.backbone.path or "in-house GPT-2", "adapter": config.adapter.kind,
                 "n_sequences": int(held.tokens.shape[0]), "chunks_per_sequence": int(held.tokens.shape[1]),
-                "protocols_evaluated": protocols, "methods_not_evaluated": left_out}
+                "protocols_evaluated": protocols}
     by = {(r["method"], r["budget"]): r for r in records if r["protocol"] == "reset"}
     headline = None
     if ("skip", None) in by and ("update_1", None) in by:
@@ -245,7 +236,6 @@ def run_compare(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, c
             + ", ".join(str(p) for p in written.values()))
     if headline:
         say(f"held-out code: {headline}")
-    return left_out, protocols
 
 
 def run_analyze(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any) -> None:
@@ -256,7 +246,7 @@ def run_analyze(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any) -
 
     data = config.data
     n_batches = -(-config.analyze.eval_sequences // data.batch_size)
-    language = "python" if data.corpus == "stdlib" else "code"
+    language = corpus.language(data)
     held, _ = heldout.evaluate_held_out(model, corpus.fixed_batches(data, tok, "test", n_batches), data=data,
                                         mesh=mesh, language=language)
     held = dataclasses.replace(held, signals={k: v for k, v in held.signals.items() if k in config.analyze.signals})
@@ -294,13 +284,11 @@ def analyze_signals(config: Any, held: Any, n_resamples: int | None = None) -> t
 
 
 def run_gates(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any) -> dict[str, Any]:
-    """Trains every requested gate that has a trainer; returns {name: trained gate}."""
+    """Trains every requested gate; returns {name: trained gate}."""
     from ponderttt.train import gates
 
     trained = {}
     for name in config.gate.gates:
-        if name not in gates.IMPLEMENTED:
-            continue
         trained[name], metrics = gates.train_gate(name, run=config.run, data=config.data, gate=config.gate,
                                                   run_dir=run_dir, mesh=mesh, tok=tok, model=model,
                                                   beta=config.adapter.beta)
@@ -342,7 +330,7 @@ def run_command(command: str, preset: str, config: Any) -> int:
         from ponderttt.train import gates
 
         trained = {m: gates.load_gate(m, config.gate, run_dir, config.run.seed) for m in config.compare.methods
-                   if m in gates.IMPLEMENTED}
+                   if m in TRAINABLE_GATES}
         run_compare(config, run_dir, mesh, tok, model, command, trained)
     return 0
 
