@@ -86,53 +86,6 @@ def test_sampled_generation_is_reproducible_and_checks_inputs(hf_data):
         GenerationConfig(top_p=0)
 
 
-def test_adapter_fast_weights_update_after_each_chunk_as_the_gate_decides(hf_data):
-    """Cached generation with a head adapter equals recomputing: full-sequence backbone features, then per
-    chunk the adapter without update under the weights that the gate's earlier decisions produced."""
-    mbs, chunk, new = 2, 4, 10
-    cfg = TTTConfig.tiny(hidden_size=30, num_heads=3, mini_batch_size=mbs, chunk_size=chunk)
-    model = load_hf_causal_lm(hf_data.dir("gpt2_tiny"), ttt=cfg)
-    model.adapters[0].out_scale[...] = jnp.ones((30,))
-    ids, mask = _prompt(hf_data, "gpt2_tiny")
-    seen = []
-
-    def gate(ctx):
-        seen.append((ctx.chunk_index, ctx.tokens.shape, ctx.probe_loss.shape))
-        return np.asarray([1.0, 0.0]) if ctx.chunk_index % 2 else np.asarray([0.5, 2.0])
-
-    res = generate(model, ids, mask, GenerationConfig(max_new_tokens=new), gate=gate, return_logits=True)
-    assert seen == [(-1, (2, 6), (2,)), (0, (2, 4), (2,)), (1, (2, 4), (2,))]
-
-    site = model.adapters[0]
-    full = np.concatenate([ids, res.tokens[:, :-1]], axis=1)
-    full_mask = np.concatenate([mask, np.ones((2, new - 1), np.int32)], axis=1)
-    features = nnx.jit(lambda m, x, k: m.backbone(x, attention_mask=k)[0])(model, full, full_mask)
-    p = ids.shape[1]
-    reset = np.zeros_like(mask, bool)
-    reset[0, 2] = True
-    run = nnx.jit(lambda s, x, st, lam, r: s(x, state=st, gating_scale=lam, reset_mask=r, chunk_size=6))
-    h_prompt, stats = run(site, features[:, :p], None, jnp.asarray(res.gate_scales[0]), jnp.asarray(reset))
-    expected = [np.asarray(model.readout(h_prompt[:, -1]))]
-    state = stats.state
-    chunk_run = nnx.jit(lambda s, x, st, lam: s(x, state=st, gating_scale=lam, chunk_size=chunk))
-    for c in range(3):
-        part = features[:, p + c * chunk : p + (c + 1) * chunk]
-        h_part, _ = chunk_run(site, part, state, jnp.zeros((2,)))
-        expected.extend(np.asarray(model.readout(h_part))[:, i] for i in range(part.shape[1]))
-        if part.shape[1] == chunk:
-            state = chunk_run(site, part, state, jnp.asarray(res.gate_scales[c + 1]))[1].state
-    np.testing.assert_allclose(res.logits, np.stack(expected[:new], axis=1), atol=1e-4, rtol=0)
-    assert [s.tolist() for s in res.gate_scales] == [[1.0, 0.0], [0.5, 2.0], [1.0, 0.0]]
-    with pytest.raises(ValueError, match="KV cache with fast-weight adapters"):
-        model(ids, cache=model.init_cache(2, 8))
-    # The adapter matters and the updates happened: not the backbone's logits, not the initial fast weights.
-    backbone = np.asarray(model.readout(features[:, p - 1 :]))
-    assert np.abs(res.logits - backbone).max() > 1e-3
-    init = site.layer.init_state(2)
-    pairs = zip(jax.tree.leaves(res.ttt_state), jax.tree.leaves(init), strict=True)
-    assert max(float(jnp.abs(a - b).max()) for a, b in pairs) > 0
-
-
 def test_sliding_window_layers_cache_a_ring_buffer_of_their_window(hf_data):
     """gemma3_tiny has window 5: its local layers keep 5 slots however long the generation, and decoding 20
     tokens after a left-padded prompt still equals recomputing the whole sequence without a cache."""
@@ -170,3 +123,104 @@ def test_cache_extended_by_chunks_shorter_and_longer_than_the_window(hf_data):
     real = mask.astype(bool)
     np.testing.assert_allclose(got[real], g["padded_logits"][real], atol=1e-4, rtol=0)
     assert int(cache.index) == 13 and cache.keys[0].shape[1] == model.config.sliding_window
+
+
+@nnx.jit(static_argnames=("prompt_len", "chunk"))
+def _generation_reference(model, full, full_mask, reset, scales, prompt_len, chunk):
+    """No-cache recomputation of what generation does, layer by layer over the whole sequence: each adapter runs
+    the prompt as one chunk with the prompt's λ, then every generated chunk without update under the weights
+    that the earlier chunks' λ produced (the update on a chunk's inputs coming after it). -> (logits, states)."""
+    from ponderttt.models.layers import causal_mask
+
+    b, t = full.shape
+    valid = jnp.asarray(full_mask, bool)
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
+    slots = jnp.arange(t, dtype=jnp.int32)
+    mbs = model.ttt_config.mini_batch_size
+    adapters = dict(zip(model.adapter_sites, model.adapters, strict=True))
+    states = {}
+
+    def run_site(name, h):
+        site = adapters[name]
+        lam = jnp.asarray(scales[0])
+        out, stats = site(h[:, :prompt_len], gating_scale=lam, reset_mask=reset, chunk_size=-(-prompt_len // mbs) * mbs)
+        pieces, state = [out], stats.state
+        for c, start in enumerate(range(prompt_len, t, chunk)):
+            part = h[:, start : start + chunk]
+            pieces.append(site(part, state=state, gating_scale=0.0, chunk_size=chunk)[0])
+            if part.shape[1] == chunk:
+                state = site(part, state=state, gating_scale=jnp.asarray(scales[c + 1]), chunk_size=chunk)[1].state
+        states[name] = state
+        return jnp.concatenate(pieces, axis=1)
+
+    h = model.embed(jnp.asarray(full), positions)
+    for i, block in enumerate(model.blocks):
+        mask = causal_mask(jnp.broadcast_to(slots, (b, t)), slots, valid, model.attention_window(i))
+        h, _ = block(h, positions, mask, None)
+        if f"block_{i}" in adapters:
+            h = run_site(f"block_{i}", h)
+    h = model.final_norm(h)
+    if "head" in adapters:
+        h = run_site("head", h)
+    return model.readout(h), states
+
+
+@pytest.mark.parametrize(
+    ("name", "sites"), [("gpt2_tiny", ("head",)), ("gpt2_tiny", (0, "head")), ("gemma3_tiny", (1, 3))]
+)
+def test_adapter_generation_equals_recomputation_without_cache(hf_data, name, sites):
+    """Adapters at the head and/or inside blocks: cached generation equals recomputing the whole sequence layer by
+    layer, each adapter running every chunk under the fast weights the gate's earlier decisions produced."""
+    mbs, chunk, new = 2, 4, 11
+    model = load_hf_causal_lm(hf_data.dir(name))
+    hidden = model.config.hidden_size
+    cfg = TTTConfig.tiny(hidden_size=hidden, num_heads=3, mini_batch_size=mbs, chunk_size=chunk)
+    model = load_hf_causal_lm(hf_data.dir(name), ttt=cfg, layers=sites)
+    for i, site in enumerate(model.adapters):
+        site.out_scale[...] = jnp.full((hidden,), 0.5 + 0.25 * i)
+    ids, mask = _prompt(hf_data, name)
+    decisions = {-1: [0.5, 2.0], 0: [1.0, 0.0], 1: [0.0, 1.5]}
+    seen = []
+
+    def gate(ctx):
+        seen.append(ctx)
+        return np.asarray(decisions[ctx.chunk_index])
+
+    res = generate(model, ids, mask, GenerationConfig(max_new_tokens=new), gate=gate, return_logits=True)
+    names = model.adapter_sites
+    per_site = (lambda state: {names[0]: state}) if len(names) == 1 else dict  # one site: its state, not a dict
+    assert [(c.chunk_index, c.tokens.shape) for c in seen] == [(-1, (2, 6)), (0, (2, chunk)), (1, (2, chunk))]
+    assert [s.tolist() for s in res.gate_scales] == list(decisions.values())
+    for ctx in seen:
+        assert set(ctx.probe_losses) == set(names) and set(per_site(ctx.state)) == set(names)
+        np.testing.assert_allclose(ctx.probe_loss, np.mean([ctx.probe_losses[s] for s in names], axis=0), rtol=1e-6)
+        assert ctx.features.shape == (2, 6 if ctx.chunk_index < 0 else chunk, hidden)
+
+    full = np.concatenate([ids, res.tokens[:, :-1]], axis=1)
+    full_mask = np.concatenate([mask, np.ones((2, new - 1), np.int32)], axis=1)
+    reset = np.zeros(ids.shape, bool)
+    reset[0, 2] = True  # row 0's first real token: fresh fast weights there
+    ref_logits, ref_states = _generation_reference(
+        model, full, full_mask, reset, res.gate_scales, prompt_len=ids.shape[1], chunk=chunk
+    )
+    np.testing.assert_allclose(res.logits, np.asarray(ref_logits)[:, ids.shape[1] - 1 :], atol=1e-4, rtol=0)
+    for site in names:
+        for got, want in zip(
+            jax.tree.leaves(per_site(res.ttt_state)[site]), jax.tree.leaves(ref_states[site]), strict=True
+        ):
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    # The adapters matter (not the backbone's logits) and updated (not the initial fast weights).
+    backbone = np.asarray(full_logits(model, full, full_mask))[:, ids.shape[1] - 1 :]
+    assert np.abs(res.logits - backbone).max() > 1e-3
+    for site, adapter in zip(names, model.adapters, strict=True):
+        init = adapter.layer.init_state(2)
+        pairs = zip(jax.tree.leaves(per_site(res.ttt_state)[site]), jax.tree.leaves(init), strict=True)
+        assert max(float(jnp.abs(a - b).max()) for a, b in pairs) > 0
+    # Carrying the state into a second call; a state naming a site the model lacks is refused.
+    again = generate(model, ids, mask, GenerationConfig(max_new_tokens=2), ttt_state=res.ttt_state)
+    assert again.tokens.shape == (2, 2)
+    if len(names) > 1:
+        with pytest.raises(ValueError, match="block_9"):
+            generate(model, ids, mask, GenerationConfig(max_new_tokens=2), ttt_state={"block_9": None})
+    with pytest.raises(ValueError, match="KV cache with fast-weight adapters"):
+        model(ids, cache=model.init_cache(2, 8))

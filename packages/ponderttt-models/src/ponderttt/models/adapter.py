@@ -39,7 +39,17 @@ class AdapterSite(nnx.Module):
     def __call__(self, h, **ttt_kwargs):
         x = h if self.norm is None else self.norm(h)
         y, stats = self.layer(x, **ttt_kwargs)
-        return h + (y.astype(jnp.float32) * self.out_scale[...]).astype(h.dtype), stats
+        return self._residual(h, y), stats
+
+    def decode(self, h_b1c, decode_state):
+        """One token per row under the fast weights of `decode_state` (from `layer.init_decode_state`), without
+        update: equals `__call__` with gating_scale 0 token by token. Returns (h, new decode state)."""
+        x = h_b1c if self.norm is None else self.norm(h_b1c)
+        y, decode_state = self.layer.decode_step(x, decode_state, gating_scale=0.0)
+        return self._residual(h_b1c, y), decode_state
+
+    def _residual(self, h, y):
+        return h + (y.astype(jnp.float32) * self.out_scale[...]).astype(h.dtype)
 
 
 def _layer_class(kind: str):

@@ -1,13 +1,12 @@
 """KV-cache generation for GPT-2 and Gemma 3: greedy, temperature, top-p, stop sequences, left-padded batches.
 
-With a fast-weight adapter at the head, generation follows the chunk protocol of PonderTTT:
-  * the prompt runs through the adapter as one chunk, with the λ a gate callback picks for it;
-  * generated tokens use the current fast weights without updating them (λ = 0);
+With fast-weight adapters (at the head and/or inside blocks), generation follows the chunk protocol of PonderTTT:
+  * the prompt runs through the model as one chunk, every adapter updating with the λ a gate callback picks;
+  * each generated token runs through every adapter under its current fast weights without updating them
+    (the primal `decode_step` with λ = 0: O(1) per token, equal to the adapter over the chunk with λ = 0);
   * after every `chunk_size` generated tokens the gate callback sees the chunk (its tokens, head features and a
-    no-update probe loss per sequence, all known before the decision) and returns λ per sequence; the fast
-    weights are then updated on that chunk, for the tokens that follow.
-Each decoded token's adapter output is computed on a window of the chunk's features (previous mini-batch plus
-the current one, later slots zero) so that it equals running the adapter over the whole chunk with λ = 0.
+    no-update probe loss per sequence, all known before the decision) and returns λ per sequence; every
+    adapter's fast weights are then updated on the inputs it saw during the chunk, for the tokens that follow.
 """
 
 from __future__ import annotations
@@ -55,13 +54,16 @@ class GenerationConfig:
 @dataclasses.dataclass(frozen=True)
 class GateContext:
     """What a gate may see before deciding λ for a chunk: chunk_index (-1 = prompt), tokens [B, n] (host),
-    features [B, n, C] (head inputs), probe_loss [B] (reconstruction loss without update), state (fast weights)."""
+    features [B, n, C] (head inputs: the final norm's output), probe_loss [B] (reconstruction loss without
+    update, the mean over adapter sites), state (fast weights: a site's, or {site: state} for several),
+    probe_losses {site: [B]} (per site)."""
 
     chunk_index: int
     tokens: np.ndarray
     features: jax.Array
     probe_loss: np.ndarray
     state: Any
+    probe_losses: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 GateFn = Callable[[GateContext], Any]
@@ -97,16 +99,33 @@ def sample_logits(logits_bv, rng, temperature: float, top_p: float):
 # -- jitted pieces -------------------------------------------------------------------------------------------
 
 
-@nnx.jit
-def _prefill(model, ids, mask, cache):
-    h, _, cache, _, _ = model.backbone(ids, attention_mask=mask, cache=cache)
-    return h, cache
+@nnx.jit(static_argnames=("chunk_size",))
+def _prompt_pass(model, ids, mask, cache, states, gating_scale, reset_mask, chunk_size):
+    """The prompt through the backbone and, when `states` is given, every adapter as one chunk of λ =
+    gating_scale [B]; writes `cache` when given. Returns the BackboneOutput."""
+    ttt = None
+    if states is not None:
+        kwargs = {"gating_scale": gating_scale, "num_steps": 1, "reset_mask": reset_mask, "chunk_size": chunk_size}
+        ttt = {"states": states, "kwargs": kwargs}
+    return model.backbone(ids, attention_mask=mask, cache=cache, ttt=ttt)
 
 
 @nnx.jit
-def _decode_backbone(model, token_b, cache):
-    h, _, cache, _, _ = model.backbone(token_b[:, None], cache=cache)
-    return h, cache
+def _decode_step(model, token_b, cache, decode_states):
+    """One token per row: (h [B, C] after every adapter, new cache, new decode states, {site: input [B, C]})."""
+    out = model.backbone(
+        token_b[:, None], cache=cache, ttt=None if decode_states is None else {"decode": decode_states}
+    )
+    return out.h[:, 0], out.cache, out.ttt_state, {site: x[:, 0] for site, x in out.adapter_inputs.items()}
+
+
+@nnx.jit(static_argnames=("chunk_size",))
+def _sites_pass(model, inputs, states, gating_scale, chunk_size):
+    """Every adapter over its chunk of inputs [B, n, C] with λ = gating_scale [B]: {site: TTTStats}."""
+    return {
+        site: adapter(inputs[site], state=states[site], gating_scale=gating_scale, chunk_size=chunk_size)[1]
+        for site, adapter in zip(model.adapter_sites, model.adapters, strict=True)
+    }
 
 
 @nnx.jit(static_argnames=("temperature", "top_p"))
@@ -115,23 +134,29 @@ def _readout_and_sample(model, h_bc, rng, temperature, top_p):
     return logits, sample_logits(logits, rng, temperature, top_p)
 
 
-@nnx.jit(static_argnames=("chunk_size",))
-def _adapter_chunk(model, features, state, gating_scale, reset_mask, chunk_size):
-    """Head adapter over a whole chunk: (new residual stream, stats) with λ = gating_scale."""
-    site = model.adapters[model.adapter_sites.index("head")]
-    return site(features, state=state, gating_scale=gating_scale, reset_mask=reset_mask, chunk_size=chunk_size)
-
-
-@nnx.jit(static_argnames=("mini_batch",))
-def _adapter_token(model, window, state, slot, mini_batch):
-    """Adapter output of the token at `slot` of a [B, 2 * mini_batch, C] window, without updates."""
-    site = model.adapters[model.adapter_sites.index("head")]
-    out, _ = site(window, state=state, gating_scale=0.0, chunk_size=2 * mini_batch)
-    return jax.lax.dynamic_index_in_dim(out, slot, axis=1, keepdims=False)
-
-
 def _stopped(generated: list[list[int]], stops: Sequence[tuple[int, ...]]) -> bool:
     return any(len(generated) >= len(s) and tuple(generated[-len(s) :]) == s for s in stops)
+
+
+def _site_states(model, batch: int, ttt_state) -> dict[str, Any]:
+    """{site: fast weights}: from `ttt_state` (a site's state, or {site: state} for several; missing sites and
+    None start from the learned initial weights)."""
+    sites = model.adapter_sites
+    given = {sites[0]: ttt_state} if len(sites) == 1 else dict(ttt_state or {})
+    unknown = set(given) - set(sites)
+    if unknown:
+        raise ValueError(f"ttt_state has sites {sorted(unknown)} that the model lacks; its sites are {sites}")
+    adapters = dict(zip(sites, model.adapters, strict=True))
+    return {s: adapters[s].layer.init_state(batch) if given.get(s) is None else given[s] for s in sites}
+
+
+def _decode_states(model, states: dict[str, Any], batch: int) -> dict[str, Any]:
+    adapters = dict(zip(model.adapter_sites, model.adapters, strict=True))
+    return {site: adapters[site].layer.init_decode_state(batch, state) for site, state in states.items()}
+
+
+def _public_state(model, states: dict[str, Any]):
+    return states[model.adapter_sites[0]] if len(model.adapter_sites) == 1 else states
 
 
 def generate(
@@ -149,10 +174,10 @@ def generate(
     """Generates up to `config.max_new_tokens` tokens after each row of the (left-padded) prompt batch.
 
     input_ids [B, P] int; attention_mask [B, P] (0 = left padding; default all real).
-    With a head adapter: gate(GateContext) -> λ [B] (or scalar) per chunk, default λ = 1 everywhere;
-    ttt_state: fast weights to start from (default: the learned initial weights); rows with left padding
-    start fresh at their first real token; use_ttt=False decodes with the backbone alone. Adapters inside
-    blocks are not supported here.
+    With fast-weight adapters (head and/or blocks): gate(GateContext) -> λ [B] (or scalar) per chunk, default
+    λ = 1 everywhere; ttt_state: fast weights to start from (a site's state, or {site: state} for several;
+    default: the learned initial weights); rows with left padding start fresh at their first real token;
+    use_ttt=False decodes with the backbone alone.
     """
     config = GenerationConfig() if config is None else config
     ids = np.asarray(input_ids, np.int32)
@@ -168,40 +193,43 @@ def generate(
     if (np.diff(real.astype(np.int8), axis=1) < 0).any():
         raise ValueError("prompts must be left-padded: a 0 in attention_mask after a 1 was found")
 
-    use_adapter = model.adapters is not None and use_ttt
-    if use_adapter and model.adapter_sites != ("head",):
-        raise ValueError(f"generation supports one adapter at the head; this model has {model.adapter_sites}")
-
     cache = model.init_cache(b, p + config.max_new_tokens)
-    h, cache = _prefill(model, jnp.asarray(ids), jnp.asarray(mask), cache)
-    rng = jax.random.key(config.seed)
+    ids_d, mask_d = jnp.asarray(ids), jnp.asarray(mask)
     scales: list[np.ndarray] = []
-    state = None
-    if use_adapter:
-        ttt_cfg = model.ttt_config
-        mini_batch = ttt_cfg.mini_batch_size
-        chunk = ttt_cfg.chunk_size if ttt_chunk_size is None else ttt_chunk_size
+    states = decode_states = None
+    if model.adapters is None or not use_ttt:
+        out = _prompt_pass(model, ids_d, mask_d, cache, None, None, None, None)
+    else:
+        mini_batch = model.ttt_config.mini_batch_size
+        chunk = model.ttt_config.chunk_size if ttt_chunk_size is None else ttt_chunk_size
         if chunk % mini_batch:
             raise ValueError(f"ttt_chunk_size={chunk} must be a multiple of mini_batch_size={mini_batch}")
-        site = model.adapters[0]
-        state = site.layer.init_state(b) if ttt_state is None else ttt_state
+        states = _site_states(model, b, ttt_state)
         first_real = real.argmax(axis=1)
         reset = np.zeros_like(real)
         reset[np.arange(b), first_real] = first_real > 0  # padded rows start fresh at their first token
+        reset_d = jnp.asarray(reset)
         prompt_chunk = -(-p // mini_batch) * mini_batch
-        lam = _decide(gate, -1, ids, h, state, model, prompt_chunk, reset)
+        lam = np.ones((b,), np.float32)
+        if gate is not None:
+            probe = _prompt_pass(model, ids_d, mask_d, None, states, jnp.zeros((b,)), reset_d, prompt_chunk)
+            features = probe.adapter_inputs.get("head", probe.h)
+            lam = _ask(gate, _context(model, -1, ids, features, probe.ttt_stats, states), b)
         scales.append(lam)
-        h, stats = _adapter_chunk(model, h, state, jnp.asarray(lam), jnp.asarray(reset), prompt_chunk)
-        state = stats.state
-        window = jnp.zeros((b, mini_batch + chunk, h.shape[-1]), h.dtype)
+        out = _prompt_pass(model, ids_d, mask_d, cache, states, jnp.asarray(lam), reset_d, prompt_chunk)
+        states = out.ttt_state
+        decode_states = _decode_states(model, states, b)
+        pending: dict[str, list[jax.Array]] = {site: [] for site in model.adapter_sites}
+        chunk_features: list[jax.Array] = []
+        chunk_tokens: list[np.ndarray] = []
+    cache = out.cache
 
+    rng, sub = jax.random.split(jax.random.key(config.seed))
+    logits, token = _readout_and_sample(model, out.h[:, -1], sub, config.temperature, config.top_p)
     logits_steps = []
-    rng, sub = jax.random.split(rng)
-    logits, token = _readout_and_sample(model, h[:, -1], sub, config.temperature, config.top_p)
     generated: list[list[int]] = [[] for _ in range(b)]
     done = np.zeros(b, bool)
     out_tokens = np.full((b, config.max_new_tokens), config.pad_token_id, np.int32)
-    chunk_tokens: list[np.ndarray] = []
     for step in range(config.max_new_tokens):
         if return_logits:
             logits_steps.append(np.asarray(logits))
@@ -213,24 +241,34 @@ def generate(
                 done[row] = _stopped(generated[row], config.stops)
         if done.all() or step == config.max_new_tokens - 1:
             break
-        h, cache = _decode_backbone(model, token, cache)
-        h = h[:, 0]
-        if use_adapter:
-            j = step % chunk
-            window = window.at[:, mini_batch + j].set(h)
-            start = (j // mini_batch) * mini_batch
-            view = jax.lax.dynamic_slice_in_dim(window, start, 2 * mini_batch, axis=1)
-            h = _adapter_token(model, view, state, mini_batch + j % mini_batch, mini_batch)
+        h, cache, decode_states, inputs = _decode_step(model, token, cache, decode_states)
+        if states is not None:
+            chunk_features.append(inputs.get("head", h))
+            for site in model.adapter_sites:
+                pending[site].append(inputs[site])
             chunk_tokens.append(host)
-            if j == chunk - 1:  # a full generated chunk: the gate decides, then the fast weights update
-                features = window[:, mini_batch:]
-                tokens = np.stack(chunk_tokens, axis=1)
-                lam = _decide(gate, len(scales) - 1, tokens, features, state, model, chunk, None)
+            if len(chunk_tokens) == chunk:  # a full generated chunk: the gate decides, then the fast weights update
+                seen = {key: jnp.stack(values, axis=1) for key, values in pending.items()}
+                lam = np.ones((b,), np.float32)
+                if gate is not None:
+                    probe = _sites_pass(model, seen, states, jnp.zeros((b,)), chunk)
+                    context = _context(
+                        model,
+                        len(scales) - 1,
+                        np.stack(chunk_tokens, 1),
+                        jnp.stack(chunk_features, axis=1),
+                        probe,
+                        states,
+                    )
+                    lam = _ask(gate, context, b)
                 scales.append(lam)
-                _, stats = _adapter_chunk(model, features, state, jnp.asarray(lam), None, chunk)
-                state = stats.state
-                window = jnp.zeros_like(window)
-                chunk_tokens = []
+                states = {
+                    site: stats.state
+                    for site, stats in _sites_pass(model, seen, states, jnp.asarray(lam), chunk).items()
+                }
+                decode_states = _decode_states(model, states, b)
+                pending = {site: [] for site in model.adapter_sites}
+                chunk_features, chunk_tokens = [], []
         rng, sub = jax.random.split(rng)
         logits, token = _readout_and_sample(model, h, sub, config.temperature, config.top_p)
 
@@ -239,26 +277,26 @@ def generate(
         tokens=out_tokens,
         lengths=lengths,
         logits=np.stack(logits_steps, axis=1) if return_logits else None,
-        ttt_state=state,
+        ttt_state=None if states is None else _public_state(model, states),
         gate_scales=scales,
     )
 
 
-def _decide(gate, index, tokens, features, state, model, chunk, reset):
-    b = tokens.shape[0]
-    if gate is None:
-        return np.ones((b,), np.float32)
-    _, probe = _adapter_chunk(
-        model, features, state, jnp.zeros((b,)), None if reset is None else jnp.asarray(reset), chunk
-    )
-    context = GateContext(
+def _context(model, index: int, tokens, features, stats: dict[str, Any], states: dict[str, Any]) -> GateContext:
+    """The gate's view of a chunk from the no-update stats of every site."""
+    losses = {site: np.asarray(stats[site].chunk_loss_step0[:, 0]) for site in model.adapter_sites}
+    return GateContext(
         chunk_index=index,
         tokens=np.asarray(tokens),
         features=features,
-        probe_loss=np.asarray(probe.chunk_loss_step0[:, 0]),
-        state=state,
+        probe_loss=np.mean(np.stack(list(losses.values())), axis=0),
+        state=_public_state(model, states),
+        probe_losses=losses,
     )
-    lam = np.broadcast_to(np.asarray(gate(context), np.float32), (b,)).copy()
+
+
+def _ask(gate: GateFn, context: GateContext, batch: int) -> np.ndarray:
+    lam = np.broadcast_to(np.asarray(gate(context), np.float32), (batch,)).copy()
     if not np.isfinite(lam).all() or (lam < 0).any():
         raise ValueError(f"gate returned λ={lam}; expected finite values >= 0 per sequence")
     return lam

@@ -8,7 +8,7 @@ masks, the layer loop, the optional fast-weight adapter at the head and the floa
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -76,6 +76,19 @@ class ModelOutput:
     ttt_state: Any = None
 
 
+class BackboneOutput(NamedTuple):
+    """`CausalLM.backbone`: h [B, T, C] (the final norm's output, after the head adapter if any);
+    hidden_states when asked; the new cache when decoding; per adapter site its TTTStats (none when
+    decoding), its new state (decode state when decoding) and its input [B, T, C]."""
+
+    h: jax.Array
+    hidden_states: tuple[jax.Array, ...] | None
+    cache: KVCache | None
+    ttt_stats: dict[str, Any]
+    ttt_state: dict[str, Any]
+    adapter_inputs: dict[str, jax.Array]
+
+
 class CausalLM(nnx.Module):
     """Shared forward pass; subclasses define `embed`, `blocks`, `final_norm`, `readout` and `attention_window`."""
 
@@ -129,9 +142,9 @@ class CausalLM(nnx.Module):
         return_hidden_states: bool = False,
         ttt: dict[str, Any] | None = None,
     ):
-        """Embeddings → blocks → final norm, with the adapters of `ttt` (call kwargs and per-site states).
-
-        Returns (h_btc, hidden_states or None, new cache or None, {site: stats}, {site: state})."""
+        """Embeddings → blocks → final norm, with the adapters of `ttt`: {"states": {site: state}, "kwargs":
+        adapter call arguments}, or {"decode": {site: decode state}} to run every adapter without update on
+        one new token per row (generation)."""
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be int [batch, time], got shape {input_ids.shape}")
@@ -154,11 +167,16 @@ class CausalLM(nnx.Module):
 
         stats: dict[str, Any] = {}
         states: dict[str, Any] = {}
+        inputs: dict[str, Any] = {}
 
         def adapt(site: str, h):
             if ttt is None or site not in self.adapter_sites:
                 return h
             adapter = self.adapters[self.adapter_sites.index(site)]
+            inputs[site] = h
+            if "decode" in ttt:  # one token per row, no update: see AdapterSite.decode
+                h, states[site] = adapter.decode(h, ttt["decode"][site])
+                return h
             h, stats[site] = adapter(h, state=ttt["states"].get(site), **ttt["kwargs"])
             states[site] = stats[site].state
             return h
@@ -201,7 +219,7 @@ class CausalLM(nnx.Module):
                 next_position=cache.next_position + valid_bt.sum(axis=1, dtype=jnp.int32),
                 index=cache.index + t,
             )
-        return h, (tuple(hidden) if hidden is not None else None), new_cache, stats, states
+        return BackboneOutput(h, tuple(hidden) if hidden is not None else None, new_cache, stats, states, inputs)
 
     def __call__(
         self,
@@ -237,7 +255,7 @@ class CausalLM(nnx.Module):
             if cache is not None:
                 raise ValueError(
                     "a KV cache with fast-weight adapters: decode with ponderttt.models.generate.generate (it runs "
-                    "the head adapter chunk by chunk) or pass use_ttt=False"
+                    "the adapters token by token and updates them chunk by chunk) or pass use_ttt=False"
                 )
             if ttt_protocol not in PROTOCOLS:
                 raise ValueError(f"ttt_protocol={ttt_protocol!r}: choose one of {PROTOCOLS}")
@@ -258,7 +276,7 @@ class CausalLM(nnx.Module):
                     "chunk_size": chunk,
                 },
             }
-        h, hidden, new_cache, stats, states = self.backbone(
+        h, hidden, new_cache, stats, states, _ = self.backbone(
             input_ids,
             attention_mask=attention_mask,
             positions=positions,
