@@ -41,7 +41,7 @@ def _hidden_pass(graphdef: Any) -> Any:
     import jax
     from flax import nnx
 
-    return jax.jit(lambda state, ids: nnx.merge(graphdef, state).backbone(ids)[0])
+    return jax.jit(lambda state, ids: nnx.merge(graphdef, state).backbone(ids).h)
 
 
 @functools.lru_cache(maxsize=16)
