@@ -4,6 +4,7 @@
    size, and HF transformers PyTorch GPT2LMHeadModel timed in the same run when torch imports, with the ratio.
 2. Model-level latency with a head adapter: the backbone alone, then for TTT-Linear and LoRA-TTT the SKIP
    (adapter run with λ = 0) and UPDATE_1 (one inner step) forwards, relative to the backbone and to SKIP.
+3. Greedy generation tokens/s (batch 1, prompt 128, 128 new tokens): backbone, head adapter, block + head.
 
     uv run python tools/bench_models.py                      # seq 1024, batches 1 and 8
     uv run python tools/bench_models.py --batches 1 --reps 2 # quicker
@@ -193,6 +194,33 @@ def bench_adapter(cfg: GPT2Config, batch: int, seq: int, reps: int, chunk: int) 
         emit(bench="adapter_latency", adapter="lora", skipped="ponderttt.ttt has no LoRATTT")
 
 
+def bench_generate(cfg: GPT2Config, prompt: int, new: int, chunk: int) -> None:
+    """Greedy KV-cache decoding tokens/s at batch 1: the backbone alone, a TTT-Linear adapter at the head, and
+    one after block 5 plus the head (every `chunk` generated tokens the adapters update with λ = 1)."""
+    from ponderttt.models.generate import GenerationConfig, generate
+    from ponderttt.ttt import TTTConfig
+
+    ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (1, prompt)).astype(np.int32)
+    config = GenerationConfig(max_new_tokens=new)
+    for sites in (None, ("head",), (5, "head")):
+        model = build_model(cfg, rngs=nnx.Rngs(0))
+        if sites is not None:
+            add_ttt_adapter(
+                model, TTTConfig(hidden_size=cfg.n_embd, num_heads=cfg.n_head, chunk_size=chunk), layers=sites
+            )
+        seconds = best_seconds(lambda model=model: generate(model, ids, config=config), 1)
+        emit(
+            bench="generate",
+            adapter_sites=list(sites or ()),
+            batch=1,
+            prompt=prompt,
+            new_tokens=new,
+            chunk_size=chunk,
+            seconds=round(seconds, 3),
+            tokens_per_s=round(new / seconds, 1),
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, default=1024)
@@ -203,6 +231,7 @@ def main() -> None:
     parser.add_argument("--no-torch", action="store_true", help="do not time HF PyTorch")
     parser.add_argument("--torch-python", help="interpreter with torch + transformers, when this one has none")
     parser.add_argument("--no-adapter", action="store_true", help="skip the adapter latency part")
+    parser.add_argument("--no-generate", action="store_true", help="skip the generation part")
     args = parser.parse_args()
     cfg = GPT2Config.gpt2_125m()
     emit(
@@ -219,6 +248,8 @@ def main() -> None:
         emit(**bench_forward(cfg, batch, args.seq, args.reps, interpreter))
     if not args.no_adapter:
         bench_adapter(cfg, args.adapter_batch, args.seq, args.reps, args.chunk)
+    if not args.no_generate:
+        bench_generate(cfg, prompt=128, new=128, chunk=64)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ With fast-weight adapters (at the head and/or inside blocks), generation follows
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -99,39 +100,57 @@ def sample_logits(logits_bv, rng, temperature: float, top_p: float):
 # -- jitted pieces -------------------------------------------------------------------------------------------
 
 
-@nnx.jit(static_argnames=("chunk_size",))
-def _prompt_pass(model, ids, mask, cache, states, gating_scale, reset_mask, chunk_size):
-    """The prompt through the backbone and, when `states` is given, every adapter as one chunk of λ =
-    gating_scale [B]; writes `cache` when given. Returns the BackboneOutput."""
-    ttt = None
-    if states is not None:
-        kwargs = {"gating_scale": gating_scale, "num_steps": 1, "reset_mask": reset_mask, "chunk_size": chunk_size}
-        ttt = {"states": states, "kwargs": kwargs}
-    return model.backbone(ids, attention_mask=mask, cache=cache, ttt=ttt)
+class _Passes:
+    """The jitted pieces of generation for one model structure (`graphdef`), taking the model's state as an
+    argument: compiled once per structure and shape, and no NNX graph traversal per decoded token (nnx.jit's
+    per-call split/merge of a 125M model costs more than the decoding step itself on CPU)."""
+
+    def __init__(self, graphdef):
+        self.graphdef = graphdef
+        self.prompt = jax.jit(self._prompt, static_argnames=("chunk_size",))
+        self.step = jax.jit(self._step, static_argnames=("temperature", "top_p"), donate_argnames=("cache",))
+        self.sites = jax.jit(self._sites, static_argnames=("chunk_size",))
+        self.sample = jax.jit(self._sample, static_argnames=("temperature", "top_p"))
+
+    def _prompt(self, params, ids, mask, cache, states, gating_scale, reset_mask, chunk_size):
+        """The prompt through the backbone and, when `states` is given, every adapter as one chunk of λ =
+        gating_scale [B]; writes `cache` when given. Returns the BackboneOutput."""
+        ttt = None
+        if states is not None:
+            kwargs = {"gating_scale": gating_scale, "num_steps": 1, "reset_mask": reset_mask, "chunk_size": chunk_size}
+            ttt = {"states": states, "kwargs": kwargs}
+        return nnx.merge(self.graphdef, params).backbone(ids, attention_mask=mask, cache=cache, ttt=ttt)
+
+    def _step(self, params, token_b, cache, decode_states, rng, temperature, top_p):
+        """One token per row through the model (every adapter without update) and the next token sampled:
+        (logits, next token, new cache, new decode states, {site: input [B, C]}, head features [B, C], rng)."""
+        model = nnx.merge(self.graphdef, params)
+        rng, sub = jax.random.split(rng)
+        ttt = None if decode_states is None else {"decode": decode_states}
+        out = model.backbone(token_b[:, None], cache=cache, ttt=ttt)
+        inputs = {site: x[:, 0] for site, x in out.adapter_inputs.items()}
+        logits = model.readout(out.h[:, 0])
+        features = inputs.get("head", out.h[:, 0])
+        token = sample_logits(logits, sub, temperature, top_p)
+        return logits, token, out.cache, out.ttt_state, inputs, features, rng
+
+    def _sites(self, params, inputs, states, gating_scale, chunk_size):
+        """Every adapter over its chunk of inputs [B, n, C] with λ = gating_scale [B]: {site: TTTStats}."""
+        model = nnx.merge(self.graphdef, params)
+        return {
+            site: adapter(inputs[site], state=states[site], gating_scale=gating_scale, chunk_size=chunk_size)[1]
+            for site, adapter in zip(model.adapter_sites, model.adapters, strict=True)
+        }
+
+    def _sample(self, params, h_bc, rng, temperature, top_p):
+        rng, sub = jax.random.split(rng)
+        logits = nnx.merge(self.graphdef, params).readout(h_bc)
+        return logits, sample_logits(logits, sub, temperature, top_p), rng
 
 
-@nnx.jit
-def _decode_step(model, token_b, cache, decode_states):
-    """One token per row: (h [B, C] after every adapter, new cache, new decode states, {site: input [B, C]})."""
-    out = model.backbone(
-        token_b[:, None], cache=cache, ttt=None if decode_states is None else {"decode": decode_states}
-    )
-    return out.h[:, 0], out.cache, out.ttt_state, {site: x[:, 0] for site, x in out.adapter_inputs.items()}
-
-
-@nnx.jit(static_argnames=("chunk_size",))
-def _sites_pass(model, inputs, states, gating_scale, chunk_size):
-    """Every adapter over its chunk of inputs [B, n, C] with λ = gating_scale [B]: {site: TTTStats}."""
-    return {
-        site: adapter(inputs[site], state=states[site], gating_scale=gating_scale, chunk_size=chunk_size)[1]
-        for site, adapter in zip(model.adapter_sites, model.adapters, strict=True)
-    }
-
-
-@nnx.jit(static_argnames=("temperature", "top_p"))
-def _readout_and_sample(model, h_bc, rng, temperature, top_p):
-    logits = model.readout(h_bc)
-    return logits, sample_logits(logits, rng, temperature, top_p)
+@functools.lru_cache(maxsize=16)
+def _passes(graphdef) -> _Passes:
+    return _Passes(graphdef)
 
 
 def _stopped(generated: list[list[int]], stops: Sequence[tuple[int, ...]]) -> bool:
@@ -193,12 +212,14 @@ def generate(
     if (np.diff(real.astype(np.int8), axis=1) < 0).any():
         raise ValueError("prompts must be left-padded: a 0 in attention_mask after a 1 was found")
 
+    graphdef, params = nnx.split(model)
+    run = _passes(graphdef)
     cache = model.init_cache(b, p + config.max_new_tokens)
     ids_d, mask_d = jnp.asarray(ids), jnp.asarray(mask)
     scales: list[np.ndarray] = []
     states = decode_states = None
     if model.adapters is None or not use_ttt:
-        out = _prompt_pass(model, ids_d, mask_d, cache, None, None, None, None)
+        out = run.prompt(params, ids_d, mask_d, cache, None, None, None, None)
     else:
         mini_batch = model.ttt_config.mini_batch_size
         chunk = model.ttt_config.chunk_size if ttt_chunk_size is None else ttt_chunk_size
@@ -212,11 +233,11 @@ def generate(
         prompt_chunk = -(-p // mini_batch) * mini_batch
         lam = np.ones((b,), np.float32)
         if gate is not None:
-            probe = _prompt_pass(model, ids_d, mask_d, None, states, jnp.zeros((b,)), reset_d, prompt_chunk)
+            probe = run.prompt(params, ids_d, mask_d, None, states, jnp.zeros((b,)), reset_d, prompt_chunk)
             features = probe.adapter_inputs.get("head", probe.h)
             lam = _ask(gate, _context(model, -1, ids, features, probe.ttt_stats, states), b)
         scales.append(lam)
-        out = _prompt_pass(model, ids_d, mask_d, cache, states, jnp.asarray(lam), reset_d, prompt_chunk)
+        out = run.prompt(params, ids_d, mask_d, cache, states, jnp.asarray(lam), reset_d, prompt_chunk)
         states = out.ttt_state
         decode_states = _decode_states(model, states, b)
         pending: dict[str, list[jax.Array]] = {site: [] for site in model.adapter_sites}
@@ -224,8 +245,8 @@ def generate(
         chunk_tokens: list[np.ndarray] = []
     cache = out.cache
 
-    rng, sub = jax.random.split(jax.random.key(config.seed))
-    logits, token = _readout_and_sample(model, out.h[:, -1], sub, config.temperature, config.top_p)
+    temperature, top_p = config.temperature, config.top_p
+    logits, token, rng = run.sample(params, out.h[:, -1], jax.random.key(config.seed), temperature, top_p)
     logits_steps = []
     generated: list[list[int]] = [[] for _ in range(b)]
     done = np.zeros(b, bool)
@@ -241,9 +262,11 @@ def generate(
                 done[row] = _stopped(generated[row], config.stops)
         if done.all() or step == config.max_new_tokens - 1:
             break
-        h, cache, decode_states, inputs = _decode_step(model, token, cache, decode_states)
+        logits, token, cache, decode_states, inputs, features, rng = run.step(
+            params, token, cache, decode_states, rng, temperature, top_p
+        )
         if states is not None:
-            chunk_features.append(inputs.get("head", h))
+            chunk_features.append(features)
             for site in model.adapter_sites:
                 pending[site].append(inputs[site])
             chunk_tokens.append(host)
@@ -251,7 +274,7 @@ def generate(
                 seen = {key: jnp.stack(values, axis=1) for key, values in pending.items()}
                 lam = np.ones((b,), np.float32)
                 if gate is not None:
-                    probe = _sites_pass(model, seen, states, jnp.zeros((b,)), chunk)
+                    probe = run.sites(params, seen, states, jnp.zeros((b,)), chunk)
                     context = _context(
                         model,
                         len(scales) - 1,
@@ -264,13 +287,11 @@ def generate(
                 scales.append(lam)
                 states = {
                     site: stats.state
-                    for site, stats in _sites_pass(model, seen, states, jnp.asarray(lam), chunk).items()
+                    for site, stats in run.sites(params, seen, states, jnp.asarray(lam), chunk).items()
                 }
                 decode_states = _decode_states(model, states, b)
                 pending = {site: [] for site in model.adapter_sites}
                 chunk_features, chunk_tokens = [], []
-        rng, sub = jax.random.split(rng)
-        logits, token = _readout_and_sample(model, h, sub, config.temperature, config.top_p)
 
     lengths = np.asarray([len(g) for g in generated], np.int32)
     return GenerationResult(
