@@ -8,19 +8,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ttt_testutil import decode, dual, make_layer, max_abs, primal
+from ttt_testutil import assert_close, decode, dual, make_layer, max_abs, primal, random_case
 
 from ponderttt.ttt import TTTMLP, LoRATTT, TTTConfig, TTTLinear
 
 TOL = 1e-5
 CLASSES = {"linear": TTTLinear, "mlp": TTTMLP, "lora": LoRATTT}
-
-
-def assert_close(a, b, what, tol=TOL):
-    """Max abs difference within tol, relative to the reference's scale when that exceeds 1."""
-    scale = max(1.0, max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(b)))
-    err = max_abs(a, b)
-    assert err <= tol * scale, f"{what} differ by {err} (scale {scale})"
 
 
 # A few fixed shapes (each one compiles once); hypothesis varies everything traced.
@@ -44,13 +37,8 @@ def test_dual_equals_primal(shape, lam, seed):
     name, variant, mbs, seq, num_steps, with_reset = shape
     cfg = TTTConfig.tiny(variant=variant, mini_batch_size=mbs, chunk_size=4 * mbs, lora_rank=4)
     layer = make_layer(CLASSES[name], cfg, seed % 3)
-    rng = np.random.default_rng(seed)
-    x = jnp.asarray(rng.normal(size=(2, seq, cfg.hidden_size)), jnp.float32)
+    x, gate, reset, state = random_case(layer, np.random.default_rng(seed), seq, lam, with_reset)
     num_mb = -(-seq // mbs)
-    # per (sequence, mini-batch) gates: λ for sequence 0, a random mix for sequence 1
-    gate = jnp.asarray(np.stack([np.full(num_mb, lam), rng.choice([0.0, 0.5, lam], size=num_mb)]), jnp.float32)
-    reset = jnp.asarray(rng.random((2, seq)) < 0.2) if with_reset else None
-    state = jax.tree.map(lambda a: a + 0.05 * rng.normal(size=a.shape).astype(np.float32), layer.init_state(2))
     y, stats = dual(layer, x, gate, reset, state, num_steps=num_steps)
     y_primal, state_primal = primal(layer, x, gate, reset, state, num_steps=num_steps)
     # Both forms run in float32, and every extra sequential inner step feeds one form's rounding into the
@@ -81,6 +69,6 @@ def test_decode_step_matches_dual_form_token_by_token(name, variant):
         outs.append(y_t)
         if t == 7:  # end of the second mini-batch: the decode weights are the dual form's after 8 tokens
             _, stats8 = dual(layer, x[:, :8], gate, jnp.asarray(reset[:, :8]), num_steps=2)
-            assert_close(ds["fast"], stats8.state, "decode state")
+            assert_close(ds["fast"], stats8.state, "decode state", TOL)
     assert max_abs(jnp.concatenate(outs, axis=1), y) < TOL
     assert int(ds["pos"]) == 2

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ttt_testutil import dual, make_layer, max_abs, primal
+from ttt_testutil import assert_close, dual, make_layer, primal, random_case
 
 from ponderttt.ttt import TTTMLP, LoRATTT, TTTConfig, TTTLinear
 
@@ -55,21 +55,15 @@ def _to_float64(layer):
 def test_dual_equals_primal_in_float64(shape, lam, seed):
     name, variant, mbs, seq, num_steps, with_reset = shape
     cfg = TTTConfig.tiny(variant=variant, mini_batch_size=mbs, chunk_size=4 * mbs, lora_rank=4)
-    rng = np.random.default_rng(seed)
     layer32 = make_layer(CLASSES[name], cfg, seed % 3)
     with jax.enable_x64(True):
         layer = _to_float64(layer32)
-        x = jnp.asarray(rng.normal(size=(2, seq, cfg.hidden_size)), jnp.float64)
-        num_mb = -(-seq // mbs)
-        gate = jnp.asarray(np.stack([np.full(num_mb, lam), rng.choice([0.0, 0.5, lam], size=num_mb)]), jnp.float64)
-        reset = jnp.asarray(rng.random((2, seq)) < 0.2) if with_reset else None
-        state = jax.tree.map(lambda a: a + 0.05 * rng.normal(size=a.shape), layer.init_state(2))
+        x, gate, reset, state = random_case(layer, np.random.default_rng(seed), seq, lam, with_reset, jnp.float64)
         y, stats = dual(layer, x, gate, reset, state, num_steps=num_steps)
         y_primal, state_primal = primal(layer, x, gate, reset, state, num_steps=num_steps)
         assert y.dtype == jnp.float64 and stats.loss_after.dtype == jnp.float64
         assert all(a.dtype == jnp.float64 for a in jax.tree.leaves(stats.state))
-        for a, b, what in [(y, y_primal, "outputs"), (stats.state, state_primal, "final fast weights")]:
-            scale = max(1.0, max(float(jnp.max(jnp.abs(v))) for v in jax.tree.leaves(b)))
-            err = max_abs(a, b)
-            assert err <= FLOAT64_TOL * scale <= TOL * scale, f"{what} differ by {err} (scale {scale}) in float64"
+        assert FLOAT64_TOL <= TOL
+        assert_close(y, y_primal, "float64 outputs", FLOAT64_TOL)
+        assert_close(stats.state, state_primal, "float64 final fast weights", FLOAT64_TOL)
         assert stats.skipped_updates.tolist() == [0, 0]

@@ -6,6 +6,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ponderttt.ttt import TTTConfig
@@ -24,6 +25,25 @@ def make_layer(cls, cfg: TTTConfig, seed: int = 0):
 
 def max_abs(a, b) -> float:
     return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def assert_close(a, b, what: str, tol: float) -> None:
+    """Max abs difference within tol, relative to the reference's scale when that exceeds 1."""
+    scale = max(1.0, max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(b)))
+    err = max_abs(a, b)
+    assert err <= tol * scale, f"{what} differ by {err} (scale {scale})"
+
+
+def random_case(layer, rng: np.random.Generator, seq: int, lam: float, with_reset: bool, dtype=jnp.float32):
+    """Inputs of a dual-vs-primal check for 2 sequences: x [2, seq, C]; per (sequence, mini-batch) gates (λ for
+    sequence 0, a random mix of 0, 0.5 and λ for sequence 1); random resets or None; a perturbed initial state."""
+    cfg = layer.cfg
+    x = jnp.asarray(rng.normal(size=(2, seq, cfg.hidden_size)), dtype)
+    num_mb = -(-seq // cfg.mini_batch_size)
+    gate = jnp.asarray(np.stack([np.full(num_mb, lam), rng.choice([0.0, 0.5, lam], size=num_mb)]), dtype)
+    reset = jnp.asarray(rng.random((2, seq)) < 0.2) if with_reset else None
+    state = jax.tree.map(lambda a: a + jnp.asarray(0.05 * rng.normal(size=a.shape), a.dtype), layer.init_state(2))
+    return x, gate, reset, state
 
 
 # Tests run tiny shapes: compile time dominates, so compile with XLA's cheap CPU settings.
