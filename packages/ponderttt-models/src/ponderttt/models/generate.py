@@ -130,9 +130,8 @@ class _Passes:
         out = model.backbone(token_b[:, None], cache=cache, ttt=ttt)
         inputs = {site: x[:, 0] for site, x in out.adapter_inputs.items()}
         logits = model.readout(out.h[:, 0])
-        features = inputs.get("head", out.h[:, 0])
         token = sample_logits(logits, sub, temperature, top_p)
-        return logits, token, out.cache, out.ttt_state, inputs, features, rng
+        return logits, token, out.cache, out.ttt_state, inputs, out.head_features[:, 0], rng
 
     def _sites(self, params, inputs, states, gating_scale, chunk_size):
         """Every adapter over its chunk of inputs [B, n, C] with λ = gating_scale [B]: {site: TTTStats}."""
@@ -234,8 +233,7 @@ def generate(
         lam = np.ones((b,), np.float32)
         if gate is not None:
             probe = run.prompt(params, ids_d, mask_d, None, states, jnp.zeros((b,)), reset_d, prompt_chunk)
-            features = probe.adapter_inputs.get("head", probe.h)
-            lam = _ask(gate, _context(model, -1, ids, features, probe.ttt_stats, states), b)
+            lam = _ask(gate, model, -1, ids, probe.head_features, probe.ttt_stats, states)
         scales.append(lam)
         out = run.prompt(params, ids_d, mask_d, cache, states, jnp.asarray(lam), reset_d, prompt_chunk)
         states = out.ttt_state
@@ -275,15 +273,8 @@ def generate(
                 lam = np.ones((b,), np.float32)
                 if gate is not None:
                     probe = run.sites(params, seen, states, jnp.zeros((b,)), chunk)
-                    context = _context(
-                        model,
-                        len(scales) - 1,
-                        np.stack(chunk_tokens, 1),
-                        jnp.stack(chunk_features, axis=1),
-                        probe,
-                        states,
-                    )
-                    lam = _ask(gate, context, b)
+                    tokens, features = np.stack(chunk_tokens, 1), jnp.stack(chunk_features, axis=1)
+                    lam = _ask(gate, model, len(scales) - 1, tokens, features, probe, states)
                 scales.append(lam)
                 states = {
                     site: stats.state
@@ -303,20 +294,20 @@ def generate(
     )
 
 
-def _context(model, index: int, tokens, features, stats: dict[str, Any], states: dict[str, Any]) -> GateContext:
-    """The gate's view of a chunk from the no-update stats of every site."""
+def _ask(gate: GateFn, model, index: int, tokens, features, stats: dict[str, Any], states) -> np.ndarray:
+    """The gate's λ [B] for a chunk, from its GateContext: the chunk's tokens and head features, and the
+    no-update stats of every site."""
+    tokens = np.asarray(tokens)
+    batch = tokens.shape[0]
     losses = {site: np.asarray(stats[site].chunk_loss_step0[:, 0]) for site in model.adapter_sites}
-    return GateContext(
+    context = GateContext(
         chunk_index=index,
-        tokens=np.asarray(tokens),
+        tokens=tokens,
         features=features,
         probe_loss=np.mean(np.stack(list(losses.values())), axis=0),
         state=_public_state(model, states),
         probe_losses=losses,
     )
-
-
-def _ask(gate: GateFn, context: GateContext, batch: int) -> np.ndarray:
     lam = np.broadcast_to(np.asarray(gate(context), np.float32), (batch,)).copy()
     if not np.isfinite(lam).all() or (lam < 0).any():
         raise ValueError(f"gate returned λ={lam}; expected finite values >= 0 per sequence")

@@ -88,6 +88,11 @@ class BackboneOutput(NamedTuple):
     ttt_state: dict[str, Any]
     adapter_inputs: dict[str, jax.Array]
 
+    @property
+    def head_features(self) -> jax.Array:
+        """The final norm's output [B, T, C]: the head adapter's input when there is one, else h."""
+        return self.adapter_inputs.get("head", self.h)
+
 
 class CausalLM(nnx.Module):
     """Shared forward pass; subclasses define `embed`, `blocks`, `final_norm`, `readout` and `attention_window`."""
@@ -320,10 +325,7 @@ class GPT2Attention(nnx.Module):
         q = constrain(split_heads(self.q(x), self.num_heads), ACT_BTHD, mesh, rules)
         k = constrain(split_heads(self.k(x), self.num_heads), ACT_BTHD, mesh, rules)
         v = constrain(split_heads(self.v(x), self.num_heads), ACT_BTHD, mesh, rules)
-        (k, v), new_kv = _write_cache(k, v, layer_cache)
-        block = ATTENTION_QUERY_BLOCK if layer_cache is None else None
-        loop = block is not None and _unsharded(mesh)
-        out = attention(q, k, v, mask, self.scale, query_block=block, loop=loop)
+        out, new_kv = _cached_attention(q, k, v, mask, layer_cache, self.scale, mesh)
         return self.c_proj(merge_heads(out)), new_kv
 
 
@@ -428,10 +430,7 @@ class Gemma3Attention(nnx.Module):
         v = constrain(split_heads(self.v_proj(x), self.num_kv_heads), ACT_BTKD, mesh, rules)
         q = apply_rope(self.q_norm(q), positions, inv_freq)
         k = apply_rope(self.k_norm(k), positions, inv_freq)
-        (k, v), new_kv = _write_cache(k, v, layer_cache)
-        block = ATTENTION_QUERY_BLOCK if layer_cache is None else None
-        loop = block is not None and _unsharded(mesh)
-        out = attention(q, k, v, mask, self.scale, query_block=block, window=self.window, loop=loop)
+        out, new_kv = _cached_attention(q, k, v, mask, layer_cache, self.scale, mesh, self.window)
         return self.o_proj(merge_heads(out)), new_kv
 
 
@@ -524,10 +523,17 @@ class Gemma3(CausalLM):
         return logits if cap is None else jnp.tanh(logits / cap) * cap
 
 
-def _unsharded(mesh) -> bool:
-    """No mesh given and none set: attention may loop over sequences and heads (see layers.attention). Only
-    without a cache: a decoding step's one query per row would make the loop's per-iteration cost dominate."""
-    return mesh is None and jax.sharding.get_abstract_mesh().empty
+def _cached_attention(q, k_new, v_new, mask, layer_cache, scale: float, mesh, window: int | None = None):
+    """Attention of both backbones around the layer's cache: (output [B, T, H, D], (keys, values) of the cache).
+
+    Without a cache, queries go in blocks of ATTENTION_QUERY_BLOCK (skipping masked keys) and, when no mesh is
+    given or set, in a loop over sequences and heads (see layers.attention; a loop over a sharded axis would
+    gather it). With a cache neither: a decoding step's one query per row would make the loop's cost dominate.
+    """
+    (k, v), new_kv = _write_cache(k_new, v_new, layer_cache)
+    block = ATTENTION_QUERY_BLOCK if layer_cache is None else None
+    loop = block is not None and mesh is None and jax.sharding.get_abstract_mesh().empty
+    return attention(q, k, v, mask, scale, query_block=block, window=window, loop=loop), new_kv
 
 
 def _write_cache(k_new, v_new, layer_cache):
