@@ -168,7 +168,7 @@ def _differentiable_trainer(name: str, graphdef: Any, params: Any, rest: Any, *,
         spent = parts["mean_scale"] if name == "continuous" else parts["update_rate"]
         controller, terms = pid_update(state["controller"], jax.lax.stop_gradient(spent), pid_cfg)
         new = {"gate": optax.apply_updates(state["gate"], updates), "opt": opt, "controller": controller,
-               "step": state["step"] + 1, "rng": jax.random.key_data(key)}
+               "step": state["step"] + 1, "rng": key_to_data(key)}
         return new, {"loss": loss, **parts, "multiplier": terms.multiplier}
 
     return state, train_step
@@ -219,7 +219,7 @@ def _ppo_trainer(module: Any, *, data: DataConfig, model: Any, seed: int) -> tup
                                     shaped(out.aux["value"]), shaped(out.aux["cost_value"]), ones, zeros, zeros,
                                     learner.cfg)
         ppo_state, info = learner.update(graphdef, state["ppo"], ppo_batch, costs.mean(), update_key)
-        new = {"ppo": ppo_state, "step": state["step"] + 1, "rng": jax.random.key_data(key)}
+        new = {"ppo": ppo_state, "step": state["step"] + 1, "rng": key_to_data(key)}
         return new, {"reward": rewards.mean(), "cost": costs.mean(), "update_rate": jnp.mean(actions > 0),
                      "multiplier": info.multiplier, "policy_loss": info.metrics.policy_loss,
                      "value_loss": info.metrics.value_loss, "entropy": info.metrics.entropy,
