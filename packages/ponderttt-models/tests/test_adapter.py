@@ -10,7 +10,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from ponderttt.models import load_hf_causal_lm
-from ponderttt.models.adapter import BACKBONE, TRAINABLE, add_ttt_adapter, init_ttt_state
+from ponderttt.models.adapter import BACKBONE, TRAINABLE, AdaptedLM, AdapterSpec, TTTControl
 from ponderttt.ttt import TTTConfig
 
 CHUNK = 4
@@ -22,22 +22,15 @@ def ttt_config(hidden: int) -> TTTConfig:
 
 @nnx.jit(static_argnames=("use_ttt", "protocol"))
 def forward(model, ids, gating_scale, state, use_ttt=True, protocol="carry"):
-    out = model(
-        ids,
-        gating_scale=gating_scale,
-        ttt_state=state,
-        use_ttt=use_ttt,
-        ttt_protocol=protocol,
-        return_hidden_states=True,
-    )
+    control = TTTControl(state=state, scale=gating_scale, protocol=protocol)
+    out = model(ids, ttt=control, use_ttt=use_ttt, return_hidden_states=True)
     return out.logits, out.hidden_states[-1], out.ttt_stats, out.ttt_state
 
 
 @nnx.jit
-def site_logits(model, site, features, state):
-    """Logits of the head adapter `site` run alone on final-norm features (for checking the protocols)."""
-    y, _ = site(features, state=state)
-    return model.readout(y)
+def site_logits(model, features, state):
+    """Logits of the head adapter run alone on final-norm features (the chunk step; for checking the protocols)."""
+    return model.readout(model.step({"head": features}, TTTControl(state=state)).outputs["head"])
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +59,9 @@ def test_stats_are_per_sequence_per_chunk_and_gating_matters(hf_data):
     _set_out_scale(model, 1.0)
     ids = hf_data.golden("gpt2_tiny")["input_ids"]  # [2, 13]: 4 chunks of 4 (the last one short)
     logits, _, stats, state = forward(model, ids, jnp.ones((2, 4)), None)
-    assert stats.chunk_loss_step0.shape == (2, 4) and stats.chunk_loss_after.shape == (2, 4, 1)
-    assert jax.tree.map(jnp.shape, state) == jax.tree.map(jnp.shape, model.adapters[0].layer.init_state(2))
+    assert set(stats) == set(state) == {"head"}  # always a mapping site -> stats / state
+    assert stats["head"].chunk_loss_step0.shape == (2, 4) and stats["head"].chunk_loss_after.shape == (2, 4, 1)
+    assert jax.tree.map(jnp.shape, state) == jax.tree.map(jnp.shape, model.init_state(2))
     skip = forward(model, ids, jnp.zeros((2, 4)), None)[0]
     backbone = forward(model, ids, None, None, use_ttt=False)[0]
     assert np.abs(np.asarray(logits - skip)).max() > 1e-4  # updates change the output
@@ -83,19 +77,18 @@ def test_reset_protocol_starts_every_chunk_fresh_and_carry_uses_the_given_state(
     _set_out_scale(model, 1.0)
     ids = hf_data.golden("gpt2_tiny")["input_ids"][:, :12]
     logits, features, _, _ = forward(model, ids, None, None, protocol="reset")
-    site = model.adapters[0]
     for c in range(3):
         part = features[:, c * CHUNK : (c + 1) * CHUNK]
-        fresh = site_logits(model, site, part, None)  # fresh fast weights on this chunk alone
+        fresh = site_logits(model, part, None)  # fresh fast weights on this chunk alone
         np.testing.assert_allclose(np.asarray(fresh), np.asarray(logits[:, c * CHUNK : (c + 1) * CHUNK]), atol=1e-5)
     carried_logits, features, _, state = forward(model, ids, None, None)
     again, _, _, _ = forward(model, ids, None, state)
-    np.testing.assert_allclose(np.asarray(site_logits(model, site, features, state)), np.asarray(again), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(site_logits(model, features, state)), np.asarray(again), atol=1e-5)
     assert np.abs(np.asarray(again - carried_logits)).max() > 1e-4
 
 
 def test_only_adapter_parameters_receive_gradients(hf_data):
-    model = load_hf_causal_lm(hf_data.dir("gpt2_tiny"), ttt=ttt_config(30), layers=("head", 0))
+    model = load_hf_causal_lm(hf_data.dir("gpt2_tiny"), ttt=ttt_config(30), sites=("head", 0))
     _set_out_scale(model, 0.5)
     ids = jnp.asarray(hf_data.golden("gpt2_tiny")["input_ids"])
 
@@ -127,19 +120,23 @@ def test_only_adapter_parameters_receive_gradients(hf_data):
 
 
 def test_block_sites_states_and_errors(hf_data):
-    model = load_hf_causal_lm(hf_data.dir("gemma3_untied"), ttt=ttt_config(36), layers=(2, "head"))
-    assert model.adapter_sites == ("block_2", "head")
+    model = load_hf_causal_lm(hf_data.dir("gemma3_untied"), ttt=ttt_config(36), sites=(2, "head"))
+    assert model.sites == ("block_2", "head")
     ids = hf_data.golden("gemma3_untied")["input_ids"]
-    state = init_ttt_state(model, 2)
+    state = model.init_state(2)
     logits, _, stats, new_state = forward(model, ids, 1.0, state)
     assert set(stats) == set(new_state) == {"block_2", "head"}
     np.testing.assert_allclose(np.asarray(logits), hf_data.golden("gemma3_untied")["logits"], atol=1e-4)
     with pytest.raises(ValueError, match="hidden_size=32 but the model's hidden size is 36"):
         load_hf_causal_lm(hf_data.dir("gemma3_untied"), ttt=TTTConfig.tiny())
     with pytest.raises(ValueError, match="kind='conv' is not known"):
-        add_ttt_adapter(load_hf_causal_lm(hf_data.dir("gemma3_untied")), ttt_config(36), kind="conv")
+        AdapterSpec(ttt_config(36), kind="conv")
     with pytest.raises(ValueError, match="block index must be in"):
-        add_ttt_adapter(load_hf_causal_lm(hf_data.dir("gemma3_untied")), ttt_config(36), layers=(9,))
+        AdaptedLM(load_hf_causal_lm(hf_data.dir("gemma3_untied")), AdapterSpec(ttt_config(36), sites=(9,)))
+    with pytest.raises(ValueError, match="sites \\['block_9'\\] that the model lacks"):
+        model.step({"block_9": ids}, TTTControl())
+    with pytest.raises(ValueError, match="protocol='chunked'"):
+        TTTControl(protocol="chunked")
 
 
 def test_lora_adapter_starts_exact_and_adapts(hf_data):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ponderttt.models import load_hf_causal_lm
+from ponderttt.models import AdaptedLM, TTTControl, load_hf_causal_lm
 from ponderttt.models.generate import GenerationConfig, generate, sample_logits
 from ponderttt.ttt import TTTConfig
 
@@ -17,7 +17,8 @@ NEW = 7
 
 @nnx.jit
 def full_logits(model, ids, mask):
-    return model(ids, attention_mask=mask, use_ttt=False).logits
+    backbone = model.backbone if isinstance(model, AdaptedLM) else model
+    return backbone(ids, attention_mask=mask).logits
 
 
 def _prompt(hf_data, name):
@@ -137,30 +138,33 @@ def _generation_reference(model, full, full_mask, reset, scales, prompt_len, chu
     positions = jnp.maximum(jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
     slots = jnp.arange(t, dtype=jnp.int32)
     mbs = model.ttt_config.mini_batch_size
-    adapters = dict(zip(model.adapter_sites, model.adapters, strict=True))
     states = {}
 
     def run_site(name, h):
-        site = adapters[name]
-        lam = jnp.asarray(scales[0])
-        out, stats = site(h[:, :prompt_len], gating_scale=lam, reset_mask=reset, chunk_size=-(-prompt_len // mbs) * mbs)
-        pieces, state = [out], stats.state
+        def step(x, state, lam, **options):  # the chunk step at one site
+            out = model.step({name: x}, TTTControl(state={name: state}, scale=lam, **options))
+            return out.outputs[name], out.state[name]
+
+        prompt_chunk = -(-prompt_len // mbs) * mbs
+        out, state = step(h[:, :prompt_len], None, jnp.asarray(scales[0]), reset_mask=reset, chunk_size=prompt_chunk)
+        pieces = [out]
         for c, start in enumerate(range(prompt_len, t, chunk)):
             part = h[:, start : start + chunk]
-            pieces.append(site(part, state=state, gating_scale=0.0, chunk_size=chunk)[0])
+            pieces.append(step(part, state, 0.0, chunk_size=chunk)[0])
             if part.shape[1] == chunk:
-                state = site(part, state=state, gating_scale=jnp.asarray(scales[c + 1]), chunk_size=chunk)[1].state
+                state = step(part, state, jnp.asarray(scales[c + 1]), chunk_size=chunk)[1]
         states[name] = state
         return jnp.concatenate(pieces, axis=1)
 
-    h = model.embed(jnp.asarray(full), positions)
-    for i, block in enumerate(model.blocks):
-        mask = causal_mask(jnp.broadcast_to(slots, (b, t)), slots, valid, model.attention_window(i))
+    backbone = model.backbone
+    h = backbone.embed(jnp.asarray(full), positions)
+    for i, block in enumerate(backbone.blocks):
+        mask = causal_mask(jnp.broadcast_to(slots, (b, t)), slots, valid, backbone.attention_window(i))
         h, _ = block(h, positions, mask, None)
-        if f"block_{i}" in adapters:
+        if f"block_{i}" in model.sites:
             h = run_site(f"block_{i}", h)
-    h = model.final_norm(h)
-    if "head" in adapters:
+    h = backbone.final_norm(h)
+    if "head" in model.sites:
         h = run_site("head", h)
     return model.readout(h), states
 
@@ -175,7 +179,7 @@ def test_adapter_generation_equals_recomputation_without_cache(hf_data, name, si
     model = load_hf_causal_lm(hf_data.dir(name))
     hidden = model.config.hidden_size
     cfg = TTTConfig.tiny(hidden_size=hidden, num_heads=3, mini_batch_size=mbs, chunk_size=chunk)
-    model = load_hf_causal_lm(hf_data.dir(name), ttt=cfg, layers=sites)
+    model = load_hf_causal_lm(hf_data.dir(name), ttt=cfg, sites=sites)
     for i, site in enumerate(model.adapters):
         site.out_scale[...] = jnp.full((hidden,), 0.5 + 0.25 * i)
     ids, mask = _prompt(hf_data, name)
@@ -187,12 +191,11 @@ def test_adapter_generation_equals_recomputation_without_cache(hf_data, name, si
         return np.asarray(decisions[ctx.chunk_index])
 
     res = generate(model, ids, mask, GenerationConfig(max_new_tokens=new), gate=gate, return_logits=True)
-    names = model.adapter_sites
-    per_site = (lambda state: {names[0]: state}) if len(names) == 1 else dict  # one site: its state, not a dict
+    names = model.sites
     assert [(c.chunk_index, c.tokens.shape) for c in seen] == [(-1, (2, 6)), (0, (2, chunk)), (1, (2, chunk))]
     assert [s.tolist() for s in res.gate_scales] == list(decisions.values())
     for ctx in seen:
-        assert set(ctx.probe_losses) == set(names) and set(per_site(ctx.state)) == set(names)
+        assert set(ctx.probe_losses) == set(names) and set(ctx.state) == set(names)
         np.testing.assert_allclose(ctx.probe_loss, np.mean([ctx.probe_losses[s] for s in names], axis=0), rtol=1e-6)
         assert ctx.features.shape == (2, 6 if ctx.chunk_index < 0 else chunk, hidden)
 
@@ -206,7 +209,7 @@ def test_adapter_generation_equals_recomputation_without_cache(hf_data, name, si
     np.testing.assert_allclose(res.logits, np.asarray(ref_logits)[:, ids.shape[1] - 1 :], atol=1e-4, rtol=0)
     for site in names:
         for got, want in zip(
-            jax.tree.leaves(per_site(res.ttt_state)[site]), jax.tree.leaves(ref_states[site]), strict=True
+            jax.tree.leaves(res.ttt_state[site]), jax.tree.leaves(ref_states[site]), strict=True
         ):
             np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     # The adapters matter (not the backbone's logits) and updated (not the initial fast weights).
@@ -214,7 +217,7 @@ def test_adapter_generation_equals_recomputation_without_cache(hf_data, name, si
     assert np.abs(res.logits - backbone).max() > 1e-3
     for site, adapter in zip(names, model.adapters, strict=True):
         init = adapter.layer.init_state(2)
-        pairs = zip(jax.tree.leaves(per_site(res.ttt_state)[site]), jax.tree.leaves(init), strict=True)
+        pairs = zip(jax.tree.leaves(res.ttt_state[site]), jax.tree.leaves(init), strict=True)
         assert max(float(jnp.abs(a - b).max()) for a, b in pairs) > 0
     # Carrying the state into a second call; a state naming a site the model lacks is refused.
     again = generate(model, ids, mask, GenerationConfig(max_new_tokens=2), ttt_state=res.ttt_state)

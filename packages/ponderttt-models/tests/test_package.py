@@ -16,5 +16,5 @@ def test_top_level_exports_are_the_submodule_objects():
 
     missing = [name for name in ponderttt.models.__all__ if not hasattr(ponderttt.models, name)]
     assert missing == []
-    assert ponderttt.models.add_ttt_adapter is adapter.add_ttt_adapter
+    assert ponderttt.models.AdaptedLM is adapter.AdaptedLM
     assert ponderttt.models.TRAINABLE is adapter.TRAINABLE

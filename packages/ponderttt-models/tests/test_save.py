@@ -13,9 +13,10 @@ from safetensors import safe_open
 
 from ponderttt.models import (
     BACKBONE,
+    AdaptedLM,
+    AdapterSpec,
     Gemma3Config,
     GPT2Config,
-    add_ttt_adapter,
     build_model,
     config_from_hf,
     load_hf_causal_lm,
@@ -108,8 +109,9 @@ def test_bf16_sharded_files_and_dtype_cast(tmp_path, hf_data):
 
 
 def test_adapters_are_not_written_and_the_directory_appears_atomically(tmp_path, hf_data):
-    model = load_hf_causal_lm(hf_data.dir("gpt2_tiny"))
-    add_ttt_adapter(model, TTTConfig.tiny(hidden_size=30, num_heads=3, chunk_size=4), layers=("head", 0))
+    backbone = load_hf_causal_lm(hf_data.dir("gpt2_tiny"))
+    spec = AdapterSpec(TTTConfig.tiny(hidden_size=30, num_heads=3, chunk_size=4), sites=("head", 0))
+    model = AdaptedLM(backbone, spec)
     folder = save_hf_causal_lm(model, tmp_path / "m")
     assert sorted(tensors_of(folder)) == sorted(tensors_of(hf_data.dir("gpt2_tiny")))
     with pytest.raises(FileExistsError, match="overwrite=True"):

@@ -3,16 +3,22 @@
 from importlib.metadata import version as _version
 
 from ponderttt.models.adapter import (
+    ADAPTER_KINDS,
     BACKBONE,
+    PROTOCOLS,
     TRAINABLE,
-    add_ttt_adapter,
+    AdaptedLM,
+    AdapterSpec,
+    ChunkStep,
+    FastState,
+    TTTControl,
+    adapt,
     count_params,
-    init_ttt_state,
     trainable_state,
 )
-from ponderttt.models.config import PRESETS, Gemma3Config, GPT2Config, config_from_hf, preset
+from ponderttt.models.config import PRESETS, Gemma3Config, GPT2Config, ModelConfig, config_from_hf, preset
 from ponderttt.models.hf import HFTokenizer, load_hf_causal_lm, load_hf_tokenizer, save_hf_causal_lm
-from ponderttt.models.model import GPT2, CausalLM, Gemma3, KVCache, ModelOutput, build_model
+from ponderttt.models.model import GPT2, BackboneOutput, CausalLM, Gemma3, KVCache, ModelOutput, build_model
 from ponderttt.models.sharding import (
     LOGICAL_RULES,
     constrain,
@@ -26,11 +32,19 @@ from ponderttt.models.sharding import (
 __version__ = _version(__name__.replace(".", "-"))
 
 __all__ = [
+    "ADAPTER_KINDS",
     "BACKBONE",
+    "PROTOCOLS",
     "TRAINABLE",
-    "add_ttt_adapter",
+    "AdaptedLM",
+    "AdapterSpec",
+    "BackboneOutput",
+    "ChunkStep",
+    "FastState",
+    "ModelConfig",
+    "TTTControl",
+    "adapt",
     "count_params",
-    "init_ttt_state",
     "trainable_state",
     "LOGICAL_RULES",
     "PRESETS",

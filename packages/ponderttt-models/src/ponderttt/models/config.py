@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, Protocol, runtime_checkable
 
 GLOBAL_ATTENTION = "full_attention"
 LOCAL_ATTENTION = "sliding_attention"
@@ -54,6 +54,35 @@ class GPT2Config:
     @property
     def mlp_size(self) -> int:
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @property
+    def num_heads(self) -> int:
+        return self.n_head
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.n_head
+
+    @property
+    def max_positions(self) -> int:
+        return self.n_positions
+
+    @property
+    def position_limit(self) -> int:
+        """Learned position embeddings: no position at or past n_positions exists."""
+        return self.n_positions
+
+    @property
+    def norm(self) -> Literal["layernorm", "rmsnorm"]:
+        return "layernorm"
+
+    @property
+    def gated_mlp(self) -> bool:
+        return False
+
+    @property
+    def norm_eps(self) -> float:
+        return self.layer_norm_epsilon
 
     # Presets: the four released GPT-2 sizes (openai-community/gpt2, -medium, -large, -xl).
     @classmethod
@@ -142,6 +171,27 @@ class Gemma3Config:
     @property
     def mlp_size(self) -> int:
         return self.intermediate_size
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_position_embeddings
+
+    @property
+    def position_limit(self) -> None:
+        """RoPE positions: no hard limit (HF does not stop at max_position_embeddings either)."""
+        return None
+
+    @property
+    def norm(self) -> Literal["layernorm", "rmsnorm"]:
+        return "rmsnorm"
+
+    @property
+    def gated_mlp(self) -> bool:
+        return True
+
+    @property
+    def norm_eps(self) -> float:
+        return self.rms_norm_eps
 
     # Presets at the released dimensions (google/gemma-3-{1b,4b,12b,27b}-pt, text part).
     @classmethod
@@ -247,7 +297,24 @@ def _gemma3_rope(hf: Mapping[str, Any]) -> tuple[tuple[float, float], tuple[floa
     return glob, (float(hf.get("rope_local_base_freq", 10_000.0)), 1.0)
 
 
-ModelConfig = GPT2Config | Gemma3Config
+@runtime_checkable
+class ModelConfig(Protocol):
+    """What every backbone architecture config answers, so that no caller sniffs attributes: sizes, heads,
+    positions, norm kind and whether the MLP is gated (GPT2Config and Gemma3Config follow it)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_size: int
+    max_positions: int
+    position_limit: int | None
+    norm: Literal["layernorm", "rmsnorm"]
+    norm_eps: float
+    gated_mlp: bool
+    tie_word_embeddings: bool
 
 PRESETS = {
     "gpt2-125m": GPT2Config.gpt2_125m,
@@ -265,7 +332,7 @@ PRESETS["gpt2-large"] = PRESETS["gpt2-774m"]
 PRESETS["gpt2-xl"] = PRESETS["gpt2-1.5b"]
 
 
-def preset(name: str) -> ModelConfig:
+def preset(name: str) -> GPT2Config | Gemma3Config:
     """A preset config by name: gpt2-125m/355m/774m/1.5b (or gpt2, -medium, -large, -xl), gemma3-1b/4b/12b/27b."""
     try:
         return PRESETS[name]()
@@ -273,7 +340,7 @@ def preset(name: str) -> ModelConfig:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
 
 
-def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
+def config_from_hf(hf: Mapping[str, Any]) -> GPT2Config | Gemma3Config:
     """The architecture of a HF `config.json` dict, picked by `model_type`.
 
     `gemma3` (multimodal) checkpoints give the config of their language model (`text_config`).

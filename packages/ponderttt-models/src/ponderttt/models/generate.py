@@ -21,6 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ponderttt.models.adapter import AdaptedLM, FastState, TTTControl
+from ponderttt.models.model import CausalLM
+
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
@@ -56,14 +59,13 @@ class GenerationConfig:
 class GateContext:
     """What a gate may see before deciding λ for a chunk: chunk_index (-1 = prompt), tokens [B, n] (host),
     features [B, n, C] (head inputs: the final norm's output), probe_loss [B] (reconstruction loss without
-    update, the mean over adapter sites), state (fast weights: a site's, or {site: state} for several),
-    probe_losses {site: [B]} (per site)."""
+    update, the mean over adapter sites), state (fast weights, {site: state}), probe_losses {site: [B]}."""
 
     chunk_index: int
     tokens: np.ndarray
     features: jax.Array
     probe_loss: np.ndarray
-    state: Any
+    state: FastState
     probe_losses: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
@@ -78,7 +80,7 @@ class GenerationResult:
     tokens: np.ndarray
     lengths: np.ndarray
     logits: np.ndarray | None = None
-    ttt_state: Any = None
+    ttt_state: FastState | None = None
     gate_scales: list[np.ndarray] = dataclasses.field(default_factory=list)
 
 
@@ -115,31 +117,31 @@ class _Passes:
     def _prompt(self, params, ids, mask, cache, states, gating_scale, reset_mask, chunk_size):
         """The prompt through the backbone and, when `states` is given, every adapter as one chunk of λ =
         gating_scale [B]; writes `cache` when given. Returns the BackboneOutput."""
-        ttt = None
-        if states is not None:
-            kwargs = {"gating_scale": gating_scale, "num_steps": 1, "reset_mask": reset_mask, "chunk_size": chunk_size}
-            ttt = {"states": states, "kwargs": kwargs}
-        return nnx.merge(self.graphdef, params).backbone(ids, attention_mask=mask, cache=cache, ttt=ttt)
+        model = nnx.merge(self.graphdef, params)
+        if states is None:
+            return _backbone(model).hidden(ids, attention_mask=mask, cache=cache)
+        control = TTTControl(state=states, scale=gating_scale, reset_mask=reset_mask, chunk_size=chunk_size)
+        return model.hidden(ids, attention_mask=mask, cache=cache, ttt=control)
 
     def _step(self, params, token_b, cache, decode_states, rng, temperature, top_p):
         """One token per row through the model (every adapter without update) and the next token sampled:
         (logits, next token, new cache, new decode states, {site: input [B, C]}, head features [B, C], rng)."""
         model = nnx.merge(self.graphdef, params)
         rng, sub = jax.random.split(rng)
-        ttt = None if decode_states is None else {"decode": decode_states}
-        out = model.backbone(token_b[:, None], cache=cache, ttt=ttt)
+        if not decode_states:  # None (no adapters) or {} (what the backbone's pass returns)
+            out = _backbone(model).hidden(token_b[:, None], cache=cache)
+        else:
+            out = model.hidden(token_b[:, None], cache=cache, decode=decode_states)
         inputs = {site: x[:, 0] for site, x in out.adapter_inputs.items()}
         logits = model.readout(out.h[:, 0])
         token = sample_logits(logits, sub, temperature, top_p)
         return logits, token, out.cache, out.ttt_state, inputs, out.head_features[:, 0], rng
 
     def _sites(self, params, inputs, states, gating_scale, chunk_size):
-        """Every adapter over its chunk of inputs [B, n, C] with λ = gating_scale [B]: {site: TTTStats}."""
-        model = nnx.merge(self.graphdef, params)
-        return {
-            site: adapter(inputs[site], state=states[site], gating_scale=gating_scale, chunk_size=chunk_size)[1]
-            for site, adapter in zip(model.adapter_sites, model.adapters, strict=True)
-        }
+        """The chunk step: every adapter over its chunk of inputs [B, n, C] with λ = gating_scale [B]:
+        {site: TTTStats}."""
+        control = TTTControl(state=states, scale=gating_scale, chunk_size=chunk_size)
+        return nnx.merge(self.graphdef, params).step(inputs, control).stats
 
     def _sample(self, params, h_bc, rng, temperature, top_p):
         rng, sub = jax.random.split(rng)
@@ -156,35 +158,18 @@ def _stopped(generated: list[list[int]], stops: Sequence[tuple[int, ...]]) -> bo
     return any(len(generated) >= len(s) and tuple(generated[-len(s) :]) == s for s in stops)
 
 
-def _site_states(model, batch: int, ttt_state) -> dict[str, Any]:
-    """{site: fast weights}: from `ttt_state` (a site's state, or {site: state} for several; missing sites and
-    None start from the learned initial weights)."""
-    sites = model.adapter_sites
-    given = {sites[0]: ttt_state} if len(sites) == 1 else dict(ttt_state or {})
-    unknown = set(given) - set(sites)
-    if unknown:
-        raise ValueError(f"ttt_state has sites {sorted(unknown)} that the model lacks; its sites are {sites}")
-    adapters = dict(zip(sites, model.adapters, strict=True))
-    return {s: adapters[s].layer.init_state(batch) if given.get(s) is None else given[s] for s in sites}
-
-
-def _decode_states(model, states: dict[str, Any], batch: int) -> dict[str, Any]:
-    adapters = dict(zip(model.adapter_sites, model.adapters, strict=True))
-    return {site: adapters[site].layer.init_decode_state(batch, state) for site, state in states.items()}
-
-
-def _public_state(model, states: dict[str, Any]):
-    return states[model.adapter_sites[0]] if len(model.adapter_sites) == 1 else states
+def _backbone(model: CausalLM | AdaptedLM) -> CausalLM:
+    return model.backbone if isinstance(model, AdaptedLM) else model
 
 
 def generate(
-    model,
+    model: CausalLM | AdaptedLM,
     input_ids,
     attention_mask=None,
     config: GenerationConfig | None = None,
     *,
     gate: GateFn | None = None,
-    ttt_state: Any = None,
+    ttt_state: FastState | None = None,
     ttt_chunk_size: int | None = None,
     use_ttt: bool = True,
     return_logits: bool = False,
@@ -193,8 +178,8 @@ def generate(
 
     input_ids [B, P] int; attention_mask [B, P] (0 = left padding; default all real).
     With fast-weight adapters (head and/or blocks): gate(GateContext) -> λ [B] (or scalar) per chunk, default
-    λ = 1 everywhere; ttt_state: fast weights to start from (a site's state, or {site: state} for several;
-    default: the learned initial weights); rows with left padding start fresh at their first real token;
+    λ = 1 everywhere; ttt_state: fast weights to start from ({site: state}; a missing site or None: the learned
+    initial weights); rows with left padding start fresh at their first real token;
     use_ttt=False decodes with the backbone alone.
     """
     config = GenerationConfig() if config is None else config
@@ -217,14 +202,14 @@ def generate(
     ids_d, mask_d = jnp.asarray(ids), jnp.asarray(mask)
     scales: list[np.ndarray] = []
     states = decode_states = None
-    if model.adapters is None or not use_ttt:
+    if not isinstance(model, AdaptedLM) or not use_ttt:
         out = run.prompt(params, ids_d, mask_d, cache, None, None, None, None)
     else:
         mini_batch = model.ttt_config.mini_batch_size
         chunk = model.ttt_config.chunk_size if ttt_chunk_size is None else ttt_chunk_size
         if chunk % mini_batch:
             raise ValueError(f"ttt_chunk_size={chunk} must be a multiple of mini_batch_size={mini_batch}")
-        states = _site_states(model, b, ttt_state)
+        states = model.full_state(ttt_state, b)
         first_real = real.argmax(axis=1)
         reset = np.zeros_like(real)
         reset[np.arange(b), first_real] = first_real > 0  # padded rows start fresh at their first token
@@ -237,8 +222,8 @@ def generate(
         scales.append(lam)
         out = run.prompt(params, ids_d, mask_d, cache, states, jnp.asarray(lam), reset_d, prompt_chunk)
         states = out.ttt_state
-        decode_states = _decode_states(model, states, b)
-        pending: dict[str, list[jax.Array]] = {site: [] for site in model.adapter_sites}
+        decode_states = model.init_decode_state(states, b)
+        pending: dict[str, list[jax.Array]] = {site: [] for site in model.sites}
         chunk_features: list[jax.Array] = []
         chunk_tokens: list[np.ndarray] = []
     cache = out.cache
@@ -265,7 +250,7 @@ def generate(
         )
         if states is not None:
             chunk_features.append(features)
-            for site in model.adapter_sites:
+            for site in model.sites:
                 pending[site].append(inputs[site])
             chunk_tokens.append(host)
             if len(chunk_tokens) == chunk:  # a full generated chunk: the gate decides, then the fast weights update
@@ -280,8 +265,8 @@ def generate(
                     site: stats.state
                     for site, stats in run.sites(params, seen, states, jnp.asarray(lam), chunk).items()
                 }
-                decode_states = _decode_states(model, states, b)
-                pending = {site: [] for site in model.adapter_sites}
+                decode_states = model.init_decode_state(states, b)
+                pending = {site: [] for site in model.sites}
                 chunk_features, chunk_tokens = [], []
 
     lengths = np.asarray([len(g) for g in generated], np.int32)
@@ -289,23 +274,24 @@ def generate(
         tokens=out_tokens,
         lengths=lengths,
         logits=np.stack(logits_steps, axis=1) if return_logits else None,
-        ttt_state=None if states is None else _public_state(model, states),
+        ttt_state=states,
         gate_scales=scales,
     )
 
 
-def _ask(gate: GateFn, model, index: int, tokens, features, stats: dict[str, Any], states) -> np.ndarray:
+def _ask(gate: GateFn, model: AdaptedLM, index: int, tokens: np.ndarray, features: jax.Array,
+         stats: dict[str, Any], states: FastState) -> np.ndarray:
     """The gate's λ [B] for a chunk, from its GateContext: the chunk's tokens and head features, and the
     no-update stats of every site."""
     tokens = np.asarray(tokens)
     batch = tokens.shape[0]
-    losses = {site: np.asarray(stats[site].chunk_loss_step0[:, 0]) for site in model.adapter_sites}
+    losses = {site: np.asarray(stats[site].chunk_loss_step0[:, 0]) for site in model.sites}
     context = GateContext(
         chunk_index=index,
         tokens=tokens,
         features=features,
         probe_loss=np.mean(np.stack(list(losses.values())), axis=0),
-        state=_public_state(model, states),
+        state=states,
         probe_losses=losses,
     )
     lam = np.broadcast_to(np.asarray(gate(context), np.float32), (batch,)).copy()

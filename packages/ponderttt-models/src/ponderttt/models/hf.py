@@ -28,6 +28,7 @@ import tokenizers
 from flax import nnx
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
+from ponderttt.models.adapter import AdaptedLM, AdapterSpec
 from ponderttt.models.config import GLOBAL_ATTENTION, LOCAL_ATTENTION, Gemma3Config, GPT2Config, config_from_hf
 from ponderttt.models.model import CausalLM, build_model
 from ponderttt.models.sharding import LOGICAL_RULES, Rules, variable_spec
@@ -281,14 +282,14 @@ def load_hf_causal_lm(
     rules: Rules = LOGICAL_RULES,
     remat: str | None = None,
     **ttt_options: Any,
-) -> CausalLM:
+) -> CausalLM | AdaptedLM:
     """A GPT-2 or Gemma 3 model with the weights of the HF directory `path`.
 
     path: a folder with config.json and model.safetensors (or a sharded model.safetensors.index.json).
     dtype: parameter and activation dtype (logits are always float32).
     mesh: a (data, fsdp, tensor) mesh; parameters are created sharded and each shard is read on its own.
-    ttt: a `ponderttt.ttt.TTTConfig` to add a fast-weight adapter (see `add_ttt_adapter`; `ttt_options`
-         such as `layers=` or `kind=` are passed on).
+    ttt: a `ponderttt.ttt.TTTConfig` (with `ttt_options` kind=, sites=, seed= of `AdapterSpec`) or an
+         `AdapterSpec`: the model is then an `AdaptedLM` carrying those fast-weight adapters.
     key_prefix: where the decoder's tensors sit in the checkpoint ('model.', 'transformer.', ...);
          detected when None.
     """
@@ -326,11 +327,9 @@ def load_hf_causal_lm(
             value = jax.make_array_from_callback(shape, sharding, _ShardReader(ckpt, a, shape, np_dtype))
         filled.append((p, var.replace(value)))
     model = nnx.merge(graphdef, nnx.from_flat_state(filled))
-    if ttt is not None:
-        from ponderttt.models.adapter import add_ttt_adapter
-
-        add_ttt_adapter(model, ttt, **ttt_options)
-    return model
+    if ttt is None:
+        return model
+    return AdaptedLM(model, ttt if isinstance(ttt, AdapterSpec) else AdapterSpec(ttt, **ttt_options))
 
 
 # -- saving: the inverse of the key maps ------------------------------------------------------------------
@@ -405,22 +404,22 @@ def _host_array(value) -> np.ndarray:
     return np.asarray(jax.device_get(value))
 
 
-def export_tensors(model: CausalLM, *, dtype=None) -> dict[str, np.ndarray]:
+def export_tensors(model: CausalLM | AdaptedLM, *, dtype=None) -> dict[str, np.ndarray]:
     """The backbone's parameters under their HF names and layouts (the inverse of `load_hf_causal_lm`'s maps).
 
     Kernels are transposed back to torch's [out, in] where HF uses nn.Linear, GPT-2's q, k, v are fused into
     c_attn, and a tied head is not written (HF re-ties it). Adapter parameters are not part of the HF format.
     dtype: cast every tensor (e.g. jnp.bfloat16); None keeps each parameter's dtype.
     """
-    from ponderttt.models.adapter import BACKBONE
-
+    if isinstance(model, AdaptedLM):
+        model = model.backbone
     config = model.config
     table = GPT2_KEY_MAP if isinstance(config, GPT2Config) else GEMMA3_KEY_MAP
     prefix = _SAVE_PREFIX[type(config)]
     out: dict[str, np.ndarray] = {}
     fused: dict[str, dict[int, np.ndarray]] = {}
     unmapped = []
-    for path, var in nnx.to_flat_state(nnx.state(model, BACKBONE)):
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         target = ".".join(str(p) for p in path)
         for pattern, template, transform in table:
             m = re.fullmatch(pattern, target)
@@ -465,7 +464,7 @@ def _shard_groups(tensors: dict[str, np.ndarray], max_shard_bytes: int | None) -
 
 
 def save_hf_causal_lm(
-    model: CausalLM,
+    model: CausalLM | AdaptedLM,
     path: str | pathlib.Path,
     *,
     config: Mapping[str, Any] | None = None,

@@ -8,6 +8,7 @@ masks, the layer loop, the optional fast-weight adapter at the head and the floa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import flax.struct
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ponderttt.models.config import GLOBAL_ATTENTION, LOCAL_ATTENTION, Gemma3Config, GPT2Config
+from ponderttt.models.config import GLOBAL_ATTENTION, LOCAL_ATTENTION, Gemma3Config, GPT2Config, ModelConfig
 from ponderttt.models.layers import (
     Dense,
     Embed,
@@ -66,27 +67,28 @@ class KVCache:
 
 @flax.struct.dataclass
 class ModelOutput:
-    """logits [B, T, vocab] float32; hidden_states (embeddings, each block, final norm) when asked;
-    cache when decoding; ttt_stats / ttt_state when a fast-weight adapter ran."""
+    """logits [B, T, vocab] float32; hidden_states (embeddings, each block, final norm) when asked; cache when
+    decoding; ttt_stats / ttt_state, each a mapping site -> TTTStats / fast weights, when fast-weight adapters ran
+    (see `ponderttt.models.adapter.AdaptedLM`)."""
 
     logits: jax.Array
     hidden_states: tuple[jax.Array, ...] | None = None
     cache: KVCache | None = None
-    ttt_stats: Any = None
-    ttt_state: Any = None
+    ttt_stats: Mapping[str, Any] | None = None
+    ttt_state: Mapping[str, Any] | None = None
 
 
 class BackboneOutput(NamedTuple):
-    """`CausalLM.backbone`: h [B, T, C] (the final norm's output, after the head adapter if any);
-    hidden_states when asked; the new cache when decoding; per adapter site its TTTStats (none when
-    decoding), its new state (decode state when decoding) and its input [B, T, C]."""
+    """`CausalLM.hidden`: h [B, T, C] (the final norm's output, after the head adapter if any); hidden_states
+    when asked; the new cache when decoding; per adapter site its TTTStats (none when decoding), its new state
+    (decode state when decoding) and its input [B, T, C] (empty mappings for a backbone without adapters)."""
 
     h: jax.Array
     hidden_states: tuple[jax.Array, ...] | None
     cache: KVCache | None
-    ttt_stats: dict[str, Any]
-    ttt_state: dict[str, Any]
-    adapter_inputs: dict[str, jax.Array]
+    ttt_stats: Mapping[str, Any]
+    ttt_state: Mapping[str, Any]
+    adapter_inputs: Mapping[str, jax.Array]
 
     @property
     def head_features(self) -> jax.Array:
@@ -94,10 +96,16 @@ class BackboneOutput(NamedTuple):
         return self.adapter_inputs.get("head", self.h)
 
 
-class CausalLM(nnx.Module):
-    """Shared forward pass; subclasses define `embed`, `blocks`, `final_norm`, `readout` and `attention_window`."""
+SiteHook = Callable[[str, jax.Array], jax.Array]
+"""`hook(site, h) -> h`: called with the residual stream after every block ("block_<i>") and after the final norm
+("head"); an adapted model runs its fast-weight adapters there (identity at sites without one)."""
 
-    config: Any
+
+class CausalLM(nnx.Module):
+    """A frozen backbone's shared forward pass; subclasses define `embed`, `blocks`, `final_norm`, `readout`,
+    `num_kv_heads`, `head_dim` and `attention_window`. Fast-weight adapters wrap it: `adapter.AdaptedLM`."""
+
+    config: ModelConfig
     blocks: nnx.List
 
     def _setup_common(self, dtype, mesh, rules: Rules, remat: str | None):
@@ -106,14 +114,11 @@ class CausalLM(nnx.Module):
         self.rules = tuple(rules)
         self.remat = remat
         remat_policy(remat)  # validates the name early
-        # Fast-weight adapters (see ponderttt.models.adapter.add_ttt_adapter): none until added.
-        self.adapters = nnx.data(None)
-        self.adapter_sites: tuple[str, ...] = ()
-        self.ttt_config = None
 
     # Subclasses define embed(ids, positions), final_norm(h), readout(h) -> float32 logits, the properties
     # num_kv_heads and head_dim, and attention_window(layer) when some layers use a sliding window.
     def attention_window(self, layer: int) -> int | None:
+        """The sliding-window length of `layer`'s attention, or None for global attention."""
         return None
 
     # -- cache --------------------------------------------------------------------------------------
@@ -137,19 +142,18 @@ class CausalLM(nnx.Module):
         )
 
     # -- forward ------------------------------------------------------------------------------------
-    def backbone(
+    def hidden(
         self,
-        input_ids,
+        input_ids: jax.Array,
         *,
-        attention_mask=None,
-        positions=None,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
         cache: KVCache | None = None,
         return_hidden_states: bool = False,
-        ttt: dict[str, Any] | None = None,
-    ):
-        """Embeddings → blocks → final norm, with the adapters of `ttt`: {"states": {site: state}, "kwargs":
-        adapter call arguments}, or {"decode": {site: decode state}} to run every adapter without update on
-        one new token per row (generation)."""
+        hook: SiteHook | None = None,
+    ) -> BackboneOutput:
+        """Embeddings → blocks → final norm: the final hidden states h [B, T, C] (before the readout), with
+        `hook(site, h)` applied after every block and after the final norm (adapters; see `SiteHook`)."""
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be int [batch, time], got shape {input_ids.shape}")
@@ -169,22 +173,7 @@ class CausalLM(nnx.Module):
             q_slots = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
             k_slots = jnp.arange(cache.max_length, dtype=jnp.int32)
             key_valid = jax.lax.dynamic_update_slice(cache.key_valid, valid_bt, (0, index))
-
-        stats: dict[str, Any] = {}
-        states: dict[str, Any] = {}
-        inputs: dict[str, Any] = {}
-
-        def adapt(site: str, h):
-            if ttt is None or site not in self.adapter_sites:
-                return h
-            adapter = self.adapters[self.adapter_sites.index(site)]
-            inputs[site] = h
-            if "decode" in ttt:  # one token per row, no update: see AdapterSite.decode
-                h, states[site] = adapter.decode(h, ttt["decode"][site])
-                return h
-            h, stats[site] = adapter(h, state=ttt["states"].get(site), **ttt["kwargs"])
-            states[site] = stats[site].state
-            return h
+        adapt = (lambda site, h: h) if hook is None else hook
 
         masks: dict[tuple[int | None, int | None], jax.Array] = {}
         h = constrain(self.embed(input_ids, positions), ACT_BTC, self.mesh, self.rules)
@@ -224,80 +213,34 @@ class CausalLM(nnx.Module):
                 next_position=cache.next_position + valid_bt.sum(axis=1, dtype=jnp.int32),
                 index=cache.index + t,
             )
-        return BackboneOutput(h, tuple(hidden) if hidden is not None else None, new_cache, stats, states, inputs)
+        return BackboneOutput(h, tuple(hidden) if hidden is not None else None, new_cache, {}, {}, {})
 
     def __call__(
         self,
-        input_ids,
+        input_ids: jax.Array,
         *,
-        attention_mask=None,
-        positions=None,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
         cache: KVCache | None = None,
         return_hidden_states: bool = False,
-        use_ttt: bool = True,
-        gating_scale=None,
-        ttt_state=None,
-        ttt_num_steps: int = 1,
-        ttt_chunk_size: int | None = None,
-        ttt_protocol: str = "carry",
-        reset_mask=None,
     ) -> ModelOutput:
         """Logits of `input_ids` [B, T] (int); everything else is optional.
 
         attention_mask [B, T]: 1 for real tokens, 0 for (left) padding; positions [B, T]: position ids
         (default: count of real tokens so far); cache: a KVCache to read and extend (generation).
-        Adapter arguments (ignored without adapters): use_ttt=False bypasses them; gating_scale λ: None (1),
-        scalar, [B], [B, n_chunks] or [B, n_minibatches] (0 = no inner update); ttt_state: fast weights to
-        start from (None: the learned initial weights; pass out.ttt_state of the previous call to carry);
-        ttt_num_steps: inner steps per mini-batch; ttt_chunk_size: tokens per gating chunk;
-        ttt_protocol: "carry" (fast weights run on across chunks) or "reset" (fresh at every chunk);
-        reset_mask [B, T]: True where a new document starts (fresh fast weights from there).
         """
-        ttt = None
-        if self.adapters is not None and use_ttt:
-            from ponderttt.models.adapter import PROTOCOLS, chunk_reset_mask
-
-            if cache is not None:
-                raise ValueError(
-                    "a KV cache with fast-weight adapters: decode with ponderttt.models.generate.generate (it runs "
-                    "the adapters token by token and updates them chunk by chunk) or pass use_ttt=False"
-                )
-            if ttt_protocol not in PROTOCOLS:
-                raise ValueError(f"ttt_protocol={ttt_protocol!r}: choose one of {PROTOCOLS}")
-            b, t = jnp.shape(input_ids)
-            chunk = self.ttt_config.chunk_size if ttt_chunk_size is None else ttt_chunk_size
-            if ttt_protocol == "reset":
-                reset_mask = chunk_reset_mask(b, t, chunk, reset_mask)
-            if len(self.adapter_sites) == 1:
-                states = {self.adapter_sites[0]: ttt_state}
-            else:
-                states = dict(ttt_state or {})
-            ttt = {
-                "states": states,
-                "kwargs": {
-                    "gating_scale": gating_scale,
-                    "num_steps": ttt_num_steps,
-                    "reset_mask": reset_mask,
-                    "chunk_size": chunk,
-                },
-            }
-        h, hidden, new_cache, stats, states, _ = self.backbone(
+        out = self.hidden(
             input_ids,
             attention_mask=attention_mask,
             positions=positions,
             cache=cache,
             return_hidden_states=return_hidden_states,
-            ttt=ttt,
         )
-        logits = constrain(self.readout(h), ACT_BTV, self.mesh, self.rules)
-        if ttt is not None and len(self.adapter_sites) == 1:
-            stats, states = stats[self.adapter_sites[0]], states[self.adapter_sites[0]]
-        elif ttt is None:
-            stats = states = None
-        return ModelOutput(logits=logits, hidden_states=hidden, cache=new_cache, ttt_stats=stats, ttt_state=states)
+        logits = constrain(self.readout(out.h), ACT_BTV, self.mesh, self.rules)
+        return ModelOutput(logits=logits, hidden_states=out.hidden_states, cache=out.cache)
 
     def _check_length(self, length: int) -> None:
-        limit = getattr(self.config, "n_positions", None)
+        limit = self.config.position_limit
         if limit is not None and length > limit:
             raise ValueError(
                 f"{type(self).__name__}: {length} positions requested but the model has n_positions={limit}; "
