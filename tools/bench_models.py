@@ -29,8 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ponderttt.models import GPT2Config, build_model
-from ponderttt.models.adapter import add_ttt_adapter
+from ponderttt.models import ADAPTER_KINDS, GPT2Config, TTTControl, adapt, build_model
 
 
 def emit(**record) -> None:
@@ -155,21 +154,20 @@ def bench_forward(cfg: GPT2Config, batch: int, seq: int, reps: int, interpreter:
 
 def bench_adapter(cfg: GPT2Config, batch: int, seq: int, reps: int, chunk: int) -> None:
     """Latency of the backbone alone, and per adapter kind of SKIP (λ = 0) and UPDATE_1 (λ = 1, one step)."""
-    import ponderttt.ttt as ttt
     from ponderttt.ttt import TTTConfig
 
     ttt_cfg = TTTConfig(hidden_size=cfg.n_embd, num_heads=cfg.n_head, chunk_size=chunk)
     ids = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (batch, seq)), jnp.int32)
-    kinds = ["linear"] + (["lora"] if hasattr(ttt, "LoRATTT") else [])
+    kinds = [kind for kind in ("linear", "lora") if kind in ADAPTER_KINDS]
     backbone = None
     for kind in kinds:
-        model = add_ttt_adapter(build_model(cfg, rngs=nnx.Rngs(0)), ttt_cfg, kind=kind)
+        model = adapt(build_model(cfg, rngs=nnx.Rngs(0)), ttt_cfg, kind=kind)
         graphdef, state = nnx.split(model)
 
         def make(use_ttt: bool, lam: float, graphdef=graphdef, state=state):
             @jax.jit
             def f(state, ids):
-                return nnx.merge(graphdef, state)(ids, use_ttt=use_ttt, gating_scale=lam).logits
+                return nnx.merge(graphdef, state)(ids, use_ttt=use_ttt, ttt=TTTControl(scale=lam)).logits
 
             return lambda: f(state, ids).block_until_ready()
 
@@ -190,8 +188,6 @@ def bench_adapter(cfg: GPT2Config, batch: int, seq: int, reps: int, chunk: int) 
                 ratio_to_backbone=round(seconds / backbone, 3),
                 ratio_to_skip=round(seconds / skip, 3),
             )
-    if "lora" not in kinds:
-        emit(bench="adapter_latency", adapter="lora", skipped="ponderttt.ttt has no LoRATTT")
 
 
 def bench_generate(cfg: GPT2Config, prompt: int, new: int, chunk: int) -> None:
@@ -205,9 +201,8 @@ def bench_generate(cfg: GPT2Config, prompt: int, new: int, chunk: int) -> None:
     for sites in (None, ("head",), (5, "head")):
         model = build_model(cfg, rngs=nnx.Rngs(0))
         if sites is not None:
-            add_ttt_adapter(
-                model, TTTConfig(hidden_size=cfg.n_embd, num_heads=cfg.n_head, chunk_size=chunk), layers=sites
-            )
+            model = adapt(model, TTTConfig(hidden_size=cfg.n_embd, num_heads=cfg.n_head, chunk_size=chunk),
+                          sites=sites)
         seconds = best_seconds(lambda model=model: generate(model, ids, config=config), 1)
         emit(
             bench="generate",

@@ -44,7 +44,7 @@ def main() -> None:
         @jax.jit
         def step(params, opt, batch, graphdef=graphdef, rest=rest, tx=tx):
             def loss_of(p):
-                return lm_loss(nnx.merge(graphdef, p, rest)(batch["input_ids"], use_ttt=False).logits,
+                return lm_loss(nnx.merge(graphdef, p, rest)(batch["input_ids"]).logits,
                                batch["targets"], batch["loss_mask"])
 
             loss, grads = jax.value_and_grad(loss_of)(params)

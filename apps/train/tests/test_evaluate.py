@@ -59,7 +59,7 @@ def tiny(tmp_path_factory):
     mesh = distributed.make_mesh(MeshConfig())
     config = GPT2Config(vocab_size=tok.vocab_size, n_positions=DATA.seq_len, n_embd=32, n_layer=2, n_head=2)
     model = adapter.attach(build_gpt2(config, PlatformConfig(), mesh, seed=0), DATA, ADAPTER, mesh, seed=0)
-    site = model.adapters[0]
+    site = model.site("head")
     site.out_scale[...] = jnp.ones_like(site.out_scale[...])
     return tok, model, mesh
 
@@ -178,7 +178,9 @@ def greedy_without_updates(model, ids, steps):
     import jax.numpy as jnp
     from flax import nnx
 
-    forward = nnx.jit(lambda m, x: m(x, gating_scale=0.0, ttt_chunk_size=x.shape[1]).logits)
+    from ponderttt.models import TTTControl
+
+    forward = nnx.jit(lambda m, x: m(x, ttt=TTTControl(scale=0.0, chunk_size=x.shape[1])).logits)
     buffer = np.zeros((1, -(-(len(ids) + steps) // DATA.chunk_size) * DATA.chunk_size), np.int32)
     buffer[0, :len(ids)] = ids
     out = []

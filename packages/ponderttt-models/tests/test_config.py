@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from ponderttt.models import Gemma3Config, GPT2Config, build_model, config_from_hf, preset
+from ponderttt.models import Gemma3Config, GPT2Config, ModelConfig, build_model, config_from_hf, preset
 
 
 def _param_count(config) -> int:
@@ -74,3 +74,17 @@ def test_gpt2_config_from_hf_and_errors():
         preset("gpt3")
     with pytest.raises(ValueError, match="num_heads=6 is not a multiple of num_kv_heads=4"):
         Gemma3Config(num_heads=6, num_kv_heads=4)
+
+
+@pytest.mark.parametrize("name", ["gpt2-125m", "gemma3-1b"])
+def test_both_configs_answer_the_model_config_protocol(name):
+    cfg = preset(name)
+    assert isinstance(cfg, ModelConfig)
+    assert cfg.num_heads % cfg.num_kv_heads == 0 and cfg.head_dim * cfg.num_heads >= cfg.hidden_size // 2
+    if name.startswith("gpt2"):
+        assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_size) == (12, 12, 64, 3072)
+        assert (cfg.norm, cfg.gated_mlp, cfg.position_limit, cfg.max_positions) == ("layernorm", False, 1024, 1024)
+    else:
+        assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_size) == (4, 1, 256, 6912)
+        assert (cfg.norm, cfg.gated_mlp, cfg.position_limit) == ("rmsnorm", True, None)
+        assert cfg.max_positions == 32768

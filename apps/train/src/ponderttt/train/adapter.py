@@ -29,15 +29,11 @@ def ttt_config(data: DataConfig, adapter: AdapterConfig, hidden_size: int) -> An
 
 
 def attach(model: Any, data: DataConfig, adapter: AdapterConfig, mesh: Any, seed: int) -> Any:
-    """Adds the configured adapter at the head of `model` (in place), placed on the mesh; returns the model."""
-    from flax import nnx
+    """The backbone `model` with the configured adapter at its head (an `AdaptedLM`), placed on the mesh."""
+    from ponderttt.models import AdaptedLM, AdapterSpec, shard_model
 
-    from ponderttt.models import shard_model
-    from ponderttt.models.adapter import add_ttt_adapter
-
-    add_ttt_adapter(model, ttt_config(data, adapter, model.config.hidden_size), kind=adapter.kind,
-                    rngs=nnx.Rngs(seed + 1))
-    return shard_model(model, mesh)
+    spec = AdapterSpec(ttt_config(data, adapter, model.config.hidden_size), kind=adapter.kind, seed=seed + 1)
+    return shard_model(AdaptedLM(model, spec), mesh)
 
 
 def chunk_losses(logits: Any, targets: Any, mask: Any, chunk_size: int) -> tuple[Any, Any]:
@@ -55,9 +51,13 @@ def chunk_losses(logits: Any, targets: Any, mask: Any, chunk_size: int) -> tuple
 
 def forward(model: Any, batch: dict[str, Any], *, chunk_size: int, num_steps: int, gating_scale: Any,
             protocol: str) -> Any:
-    """The adapted model on a batch: documents restart the fast weights where they start (doc_start)."""
-    return model(batch["input_ids"], gating_scale=gating_scale, ttt_num_steps=num_steps, ttt_chunk_size=chunk_size,
-                 ttt_protocol=protocol, reset_mask=batch["doc_start"])
+    """The adapted model on a batch with the gate's λ (`gating_scale`), inner steps and protocol: documents
+    restart the fast weights where they start (doc_start)."""
+    from ponderttt.models import TTTControl
+
+    control = TTTControl(scale=gating_scale, reset_mask=batch["doc_start"], num_steps=num_steps, protocol=protocol,
+                         chunk_size=chunk_size)
+    return model(batch["input_ids"], ttt=control)
 
 
 def objective(model: Any, batch: dict[str, Any], *, data: DataConfig, adapter: AdapterConfig) -> tuple[Any, dict]:
@@ -69,7 +69,7 @@ def objective(model: Any, batch: dict[str, Any], *, data: DataConfig, adapter: A
     out = forward(model, batch, chunk_size=data.chunk_size, num_steps=adapter.update_steps, gating_scale=None,
                   protocol=adapter.protocol)
     ce = lm_loss(out.logits, batch["targets"], batch["loss_mask"])
-    recon = jnp.mean(out.ttt_stats.chunk_loss_step0)
+    recon = jnp.mean(out.ttt_stats["head"].chunk_loss_step0)
     return ce + adapter.beta * recon, {"ce": ce, "ttt_loss": recon}
 
 

@@ -112,7 +112,7 @@ def pretrain(*, run: RunConfig, platform: PlatformConfig, data: DataConfig, back
     state = {"params": params, "opt": tx.init(params)}
 
     def loss_of(params: Any, batch: dict[str, Any]) -> Any:
-        out = nnx.merge(graphdef, params, rest)(batch["input_ids"], use_ttt=False)
+        out = nnx.merge(graphdef, params, rest)(batch["input_ids"])
         return lm_loss(out.logits, batch["targets"], batch["loss_mask"])
 
     @jax.jit

@@ -28,11 +28,9 @@ class CarryUnsupported(ValueError):
     """The model's adapters are not only at the head (the chunk loop would need the backbone's KV cache)."""
 
 
-def _head_site(model: Any) -> Any:
-    if tuple(model.adapter_sites) != ("head",):
-        raise CarryUnsupported(f"the carry roll-out supports an adapter at the head only; sites: "
-                               f"{model.adapter_sites}")
-    return model.adapters[0]
+def _check_head_only(model: Any) -> None:
+    if model.sites != ("head",):
+        raise CarryUnsupported(f"the carry roll-out supports an adapter at the head only; sites: {model.sites}")
 
 
 @functools.lru_cache(maxsize=16)
@@ -41,23 +39,27 @@ def _hidden_pass(graphdef: Any) -> Any:
     import jax
     from flax import nnx
 
-    return jax.jit(lambda state, ids: nnx.merge(graphdef, state).backbone(ids).h)
+    return jax.jit(lambda state, ids: nnx.merge(graphdef, state).backbone.hidden(ids).h)
 
 
 @functools.lru_cache(maxsize=16)
 def _adapter_pass(graphdef: Any, chunk_size: int, steps: int) -> Any:
-    """Jitted: the head adapter on one chunk from the carried fast weights, with λ [B] and `steps` inner steps:
+    """Jitted: the chunk step at the head from the carried fast weights, with λ [B] and `steps` inner steps:
     (loss, tokens, new fast weights, logits, reconstruction loss at the initial weights, at step 0)."""
     import jax
     from flax import nnx
 
+    from ponderttt.models import TTTControl
+
     @jax.jit
     def run(state: Any, h: Any, fast: Any, lam: Any, starts: Any, targets: Any, mask: Any) -> Any:
         m = nnx.merge(graphdef, state)
-        out, stats = m.adapters[0](h, state=fast, gating_scale=lam, num_steps=steps, reset_mask=starts,
-                                   chunk_size=chunk_size)
-        logits = m.readout(out)
+        control = TTTControl(state={"head": fast}, scale=lam, reset_mask=starts, num_steps=steps,
+                             chunk_size=chunk_size)
+        step = m.step({"head": h}, control)
+        logits = m.readout(step.outputs["head"])
         loss, tokens = chunk_losses(logits, targets, mask, chunk_size)
+        stats = step.stats["head"]
         return loss[:, 0], tokens[:, 0], stats.state, logits, stats.chunk_loss_init[:, 0], stats.chunk_loss_step0[:, 0]
 
     return run
@@ -90,7 +92,7 @@ def roll_out_carry(model: Any, gate: Any, batches: Sequence[dict[str, Any]], *, 
 
     from ponderttt.gating import NUM_STEPS, FeatureExtractor, GateInput
 
-    site = _head_site(model)
+    _check_head_only(model)
     c = data.chunk_size
     extractor = FeatureExtractor()
     graphdef, state = nnx.split(model)
@@ -109,7 +111,7 @@ def roll_out_carry(model: Any, gate: Any, batches: Sequence[dict[str, Any]], *, 
             batch = {k: distributed.global_batch(np.asarray(raw[k]), mesh, data.batch_size) for k in BATCH_KEYS}
             h_all = hidden(state, batch["input_ids"])
             b = h_all.shape[0]
-            fast = site.layer.init_state(b)
+            fast = model.init_state(b)["head"]
             fstate, gstate = extractor.init_state(b), gate.init_state(b)
             row = {k: [] for k in out}
             for j in range(data.chunks_per_sequence):

@@ -297,8 +297,8 @@ class Completion:
 
 
 def context_length(model: Any) -> int:
-    cfg = model.config
-    return int(getattr(cfg, "n_positions", None) or cfg.max_position_embeddings)
+    """The model's context: most positions a prompt plus its completion may use."""
+    return int(model.config.max_positions)
 
 
 def prompt_limit(model: Any, max_new_tokens: int, mini_batch: int) -> int:

@@ -152,7 +152,7 @@ def _differentiable_trainer(name: str, graphdef: Any, params: Any, rest: Any, *,
         ce = lm_loss(gated.logits, batch["targets"], batch["loss_mask"])
         spend = jnp.mean(lam)  # update-equivalents (published costs are linear in λ)
         if name == "continuous":
-            ttt = gated.ttt_stats.chunk_loss_after[..., -1]
+            ttt = gated.ttt_stats["head"].chunk_loss_after[..., -1]
             loss, parts = continuous_gate_loss(ce, ttt, lam, beta=beta, gamma=multiplier)
             return loss, {"ce": ce, "ttt_loss": parts["ttt"], "mean_scale": spend,
                           "update_rate": jnp.mean((lam > 0).astype(jnp.float32))}

@@ -29,14 +29,11 @@ def cost_table(model_config: Any, data: DataConfig, adapter: AdapterConfig,
     """The eval package's per-action cost table for this backbone and adapter (FLOPs, published, wall-clock)."""
     from ponderttt.eval import AdapterSpec, BackboneSpec, build_cost_table
 
-    cfg = model_config
-    gated = hasattr(cfg, "intermediate_size")  # Gemma 3: gated MLP, grouped-query attention
-    spec = BackboneSpec(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
-                        num_heads=getattr(cfg, "num_heads", getattr(cfg, "n_head", 1)), vocab_size=cfg.vocab_size,
-                        seq_len=data.seq_len, chunk_size=data.chunk_size,
-                        mlp_hidden=cfg.intermediate_size if gated else cfg.mlp_size, mlp_gated=gated,
-                        num_kv_heads=getattr(cfg, "num_kv_heads", None),
-                        head_dim=cfg.head_dim if gated else None)
+    cfg = model_config  # a ponderttt.models.ModelConfig
+    spec = BackboneSpec(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_heads=cfg.num_heads,
+                        vocab_size=cfg.vocab_size, seq_len=data.seq_len, chunk_size=data.chunk_size,
+                        mlp_hidden=cfg.mlp_size, mlp_gated=cfg.gated_mlp, num_kv_heads=cfg.num_kv_heads,
+                        head_dim=cfg.head_dim)
     kind = ADAPTER_KINDS[adapter.kind]
     overrides = {} if kind == "lora_ttt" else {"num_heads": adapter.num_heads,
                                                "inner_dim": cfg.hidden_size // adapter.num_heads}
@@ -76,9 +73,10 @@ def skip_outputs(model: Any, batch: dict[str, Any], chunk_size: int) -> dict[str
     ("signal", the no-update probe), gate features [B, N, F], prediction entropy and confidence."""
     out = forward(model, batch, chunk_size=chunk_size, num_steps=1, gating_scale=0.0, protocol="reset")
     loss, tokens = chunk_losses(out.logits, batch["targets"], batch["loss_mask"], chunk_size)
-    features = _features(out.logits, out.ttt_stats, batch["loss_mask"], batch["doc_start"], chunk_size)
+    stats = out.ttt_stats["head"]
+    features = _features(out.logits, stats, batch["loss_mask"], batch["doc_start"], chunk_size)
     entropy, confidence = _chunk_entropy_confidence(out.logits, batch["loss_mask"], chunk_size)
-    return {"loss": loss, "tokens": tokens, "signal": out.ttt_stats.chunk_loss_step0, "features": features,
+    return {"loss": loss, "tokens": tokens, "signal": stats.chunk_loss_step0, "features": features,
             "entropy": entropy, "confidence": confidence}
 
 
@@ -86,7 +84,7 @@ def update_outputs(model: Any, batch: dict[str, Any], chunk_size: int, steps: in
     """The UPDATE_k pass (λ = 1, k inner steps), per chunk [B, N]: (loss, reconstruction-loss improvement)."""
     out = forward(model, batch, chunk_size=chunk_size, num_steps=steps, gating_scale=1.0, protocol="reset")
     loss = chunk_losses(out.logits, batch["targets"], batch["loss_mask"], chunk_size)[0]
-    stats = out.ttt_stats  # how much the update lowered the inner reconstruction loss of the chunk
+    stats = out.ttt_stats["head"]  # how much the update lowered the inner reconstruction loss of the chunk
     return loss, stats.chunk_loss_step0 - stats.chunk_loss_after[..., -1]
 
 

@@ -316,6 +316,7 @@ class ModelConfig(Protocol):
     gated_mlp: bool
     tie_word_embeddings: bool
 
+
 PRESETS = {
     "gpt2-125m": GPT2Config.gpt2_125m,
     "gpt2-355m": GPT2Config.gpt2_355m,
