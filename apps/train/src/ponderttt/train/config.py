@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 
 import tyro
 
+from ponderttt.eval.benchmarks.tasks import BENCHMARKS
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names it and says what to do."""
@@ -308,7 +310,7 @@ class AnalyzeConfig:
 
 
 # `evaluate`: benchmarks read from local files, and the TTT modes compared while generating.
-EVALUATE_BENCHMARKS = ("humaneval", "mbpp", "classeval", "gsm8k", "math500", "gpqa_diamond", "livecodebench")
+EVALUATE_BENCHMARKS = tuple(BENCHMARKS)  # the registry of ponderttt.eval (light: no numpy or jax)
 EVALUATE_GATES = ("skip", "update_1", "recon", "random")
 
 

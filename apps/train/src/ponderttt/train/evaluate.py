@@ -40,6 +40,9 @@ from typing import Any
 
 import numpy as np
 
+from ponderttt.eval.benchmarks import tasks
+from ponderttt.eval.benchmarks.tasks import Task, score
+from ponderttt.eval.stats import mean_ci, paired_difference_ci
 from ponderttt.train import corpus
 from ponderttt.train.config import ConfigError, EvaluateConfig, to_dict
 from ponderttt.train.distributed import say
@@ -49,8 +52,6 @@ RESULTS_FILE = "evaluate.json"
 REPORT_FILE = "evaluate.md"
 SAMPLES_FILE = "evaluate_samples.jsonl"
 SCHEMA_VERSION = 1
-FILE_SUFFIXES = (".jsonl", ".json")
-SHOTS_SUFFIX = ".shots.jsonl"
 BUDGETED_GATES = ("recon", "random")
 N_RESAMPLES = 1000  # bootstrap resamples of the CIs over problems
 
@@ -58,116 +59,30 @@ N_RESAMPLES = 1000  # bootstrap resamples of the CIs over problems
 # ----------------------------------------------------------------------------------------------- benchmarks
 
 
-@dataclasses.dataclass(frozen=True)
-class BenchmarkSpec:
-    """How one benchmark is loaded, prompted, cut and graded."""
-
-    name: str
-    load: Callable[[str, int], list[Any]]  # (path, seed) -> problems
-    grader: str  # "code" (sandbox), "answers" (extraction) or "livecodebench" (sandbox, every test)
-    stops: tuple[str, ...]  # the completion ends at the first of these strings
-    metric: str
-    default_shots: int = 0  # with a <name>.shots.jsonl file; 0: no few-shot format
-
-    @property
-    def runs_code(self) -> bool:
-        return self.grader in ("code", "livecodebench")
-
-
-def _specs() -> dict[str, BenchmarkSpec]:
-    from ponderttt.eval import benchmarks as bm
-
-    return {
-        "humaneval": BenchmarkSpec("humaneval", lambda p, s: bm.load_humaneval(p), "code", bm.HUMANEVAL_STOPS,
-                                   "pass@1"),
-        "mbpp": BenchmarkSpec("mbpp", lambda p, s: bm.load_mbpp(p), "code", bm.MBPP_STOPS, "pass@1", 3),
-        "classeval": BenchmarkSpec("classeval", lambda p, s: bm.load_classeval(p), "code", (), "pass@1"),
-        "gsm8k": BenchmarkSpec("gsm8k", lambda p, s: bm.load_gsm8k(p), "answers", bm.GSM8K_STOPS, "accuracy", 8),
-        # the few-shot format starts every example with "Problem:": a completion ends where the next would begin
-        "math500": BenchmarkSpec("math500", lambda p, s: bm.load_math500(p), "answers", ("\nProblem:",),
-                                 "accuracy", 4),
-        "gpqa_diamond": BenchmarkSpec("gpqa_diamond", lambda p, s: bm.load_gpqa_diamond(p, seed=s), "answers",
-                                      ("\n\nWhat is the correct answer",), "accuracy", 0),
-        "livecodebench": BenchmarkSpec("livecodebench", lambda p, s: bm.load_livecodebench(p), "livecodebench", (),
-                                       "pass@1"),
-    }
-
-
-FEW_SHOT = ("mbpp", "gsm8k", "math500", "gpqa_diamond")  # benchmarks whose prompt takes solved examples
-
-
 def benchmark_file(directory: str | pathlib.Path, name: str) -> pathlib.Path:
-    """DIR/<name>.jsonl or DIR/<name>.json; a ConfigError naming the missing file otherwise."""
-    folder = pathlib.Path(directory)
-    for suffix in FILE_SUFFIXES:
-        path = folder / f"{name}{suffix}"
-        if path.is_file():
-            return path
-    raise ConfigError(f"--evaluate.benchmarks {name}: missing benchmark file {folder / (name + '.jsonl')} (or "
-                      f"{name}.json) in --evaluate.benchmark-dir={directory}; put the data set there as JSON "
-                      "lines with the hub data set's fields, or drop the benchmark")
-
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-    """A benchmark ready to generate: its problems and their prompts (few-shot examples included)."""
-
-    spec: BenchmarkSpec
-    problems: tuple[Any, ...]
-    prompts: tuple[str, ...]
-    shots: int
-    source: str
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
+    """DIR/<name>.jsonl or DIR/<name>.json (`ponderttt.eval.benchmarks.tasks`); a ConfigError naming the flag."""
+    try:
+        return tasks.benchmark_file(directory, name)
+    except tasks.BenchmarkError as error:
+        raise ConfigError(f"--evaluate.benchmarks {name}: {error} in --evaluate.benchmark-dir={directory}, or drop "
+                          "the benchmark") from None
 
 
 def load_task(name: str, directory: str | pathlib.Path, *, max_problems: int | None = None,
               shots: int | None = None, seed: int = 0) -> Task:
-    """The first `max_problems` problems of benchmark `name` from `directory`, with their prompts."""
-    specs = _specs()
-    if name not in specs:
-        raise ConfigError(f"--evaluate.benchmarks: unknown benchmark {name!r}; known: {', '.join(specs)}")
-    spec = specs[name]
-    path = benchmark_file(directory, name)
+    """`ponderttt.eval.benchmarks.tasks.load_task`, its errors as ConfigErrors naming the flags."""
+    benchmark_file(directory, name)
     try:
-        problems = spec.load(str(path), seed)
-    except (KeyError, ValueError) as error:
-        raise ConfigError(f"benchmark file {path} cannot be read as {name}: {error}") from error
-    if not problems:
-        raise ConfigError(f"benchmark file {path} holds no {name} problem")
-    problems = problems[:max_problems] if max_problems is not None else problems
-    examples: list[Any] = []
-    shots_path = pathlib.Path(directory) / f"{name}{SHOTS_SUFFIX}"
-    wanted = spec.default_shots if shots is None else shots
-    if name in FEW_SHOT and wanted > 0:
-        if shots_path.is_file():
-            examples = spec.load(str(shots_path), seed)[:wanted]
-        elif shots is not None:  # asked for explicitly
-            raise ConfigError(f"--evaluate.shots={shots}: missing few-shot file {shots_path} for {name}")
-    prompts = tuple(p.build_prompt(examples) if name in FEW_SHOT else p.build_prompt() for p in problems)
-    return Task(spec, tuple(problems), prompts, len(examples), str(path))
-
-
-def score(task: Task, completions: dict[str, str], *, timeout_s: float = 3.0) -> Any:
-    """Grades one completion per problem (raw generated text; cut at the stop strings here) -> BenchmarkResult."""
-    from ponderttt.eval import benchmarks as bm
-
-    cut = {p.task_id: [bm.truncate_at_stops(completions[p.task_id], task.spec.stops)] for p in task.problems}
-    if task.spec.grader == "code":
-        return bm.evaluate_code(task.name, task.problems, cut, ks=(1,), timeout_s=timeout_s)
-    if task.spec.grader == "livecodebench":
-        return bm.evaluate_livecodebench(task.problems, cut, ks=(1,), timeout_s=timeout_s)
-    return bm.evaluate_answers(task.name, task.problems, cut, ks=(1,))
+        return tasks.load_task(name, directory, max_problems=max_problems, shots=shots, seed=seed)
+    except tasks.BenchmarkError as error:
+        raise ConfigError(f"--evaluate.{error}" if str(error).startswith("shots=") else str(error)) from None
 
 
 def require_code_consent(names: Sequence[str]) -> None:
     """A ConfigError before anything is generated when a benchmark would run code without the user's consent."""
     from ponderttt.eval.execution import ALLOW_ENV_VAR
 
-    specs = _specs()
-    running = [n for n in names if specs[n].runs_code]
+    running = tasks.code_benchmarks(names)
     if running and os.environ.get(ALLOW_ENV_VAR) != "1":
         raise ConfigError(f"--evaluate.benchmarks {' '.join(running)} run model-written code in a sandbox (not a "
                           f"security boundary like a VM): set {ALLOW_ENV_VAR}=1 to accept that, preferably in a "
@@ -395,20 +310,6 @@ def calibration_signal(config: Any, tok: Any, model: Any, mesh: Any) -> np.ndarr
 # ----------------------------------------------------------------------------------------------- the stage
 
 
-def mean_ci(values: np.ndarray, *, n_resamples: int, seed: int) -> Any:
-    from ponderttt.eval.stats import mean_ci as bootstrap_mean_ci
-
-    return bootstrap_mean_ci(values, n_resamples=n_resamples, seed=seed)
-
-
-def paired_difference(a: np.ndarray, b: np.ndarray, *, n_resamples: int, seed: int) -> dict[str, Any]:
-    """Mean per-problem difference a − b with its paired bootstrap CI (the same problems under two gates)."""
-    from ponderttt.eval.stats import paired_difference_ci
-
-    estimate = paired_difference_ci(a, b, n_resamples=n_resamples, seed=seed)
-    return {"difference": estimate.value, "ci": [estimate.low, estimate.high], "ci_method": estimate.method}
-
-
 def evaluate_task(model: Any, tok: Any, task: Task, runner: GateRunner, *, evaluate: EvaluateConfig,
                   chunk_size: int, seed: int = 0, progress: bool = False, n_resamples: int = N_RESAMPLES
                   ) -> tuple[dict[str, Any], list[dict]]:
@@ -438,7 +339,7 @@ def evaluate_task(model: Any, tok: Any, task: Task, runner: GateRunner, *, evalu
     score_seconds = time.perf_counter() - started
     tokens = sum(c.tokens for c in completions)
     passed = np.asarray([p.num_correct for p in result.problems], np.float64)  # one greedy sample per problem
-    ci = mean_ci(passed, n_resamples=n_resamples, seed=seed)
+    ci = mean_ci(passed, n_resamples=n_resamples, seed=seed)  # over problems
     record = {
         "benchmark": task.name, "gate": runner.method, "budget": runner.budget, "metric": task.spec.metric,
         "value": float(result.pass_at_k[1]), "ci": [ci.low, ci.high], "ci_method": ci.method,
@@ -492,8 +393,9 @@ def run_evaluate(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, 
                                                  seed=config.run.seed, progress=progress)
             passed[method] = np.asarray([sample["passed"] for sample in task_samples], np.float64)
             if method != "skip" and "skip" in passed:
-                record["vs_skip"] = paired_difference(passed[method], passed["skip"], n_resamples=N_RESAMPLES,
-                                                      seed=config.run.seed)
+                d = paired_difference_ci(passed[method], passed["skip"], n_resamples=N_RESAMPLES,
+                                         seed=config.run.seed)  # the same problems under two gates
+                record["vs_skip"] = {"difference": d.value, "ci": [d.low, d.high], "ci_method": d.method}
             records.append(record)
             samples.extend(task_samples)
             say(f"evaluate {task.name} / {method}: {record['metric']} {record['value']:.3f} on "
@@ -529,46 +431,10 @@ def _rate(rate: float | None) -> str:
     return "-" if rate is None else f"{rate:.3f}"
 
 
-def render_markdown(summary: dict[str, Any]) -> str:
-    """evaluate.md: one row per benchmark x gate."""
-    run, ev = summary["run"], summary["config"]
-    lines = [f"# Benchmarks with TTT during generation: {run['name']}", "",
-             f"Backbone {run['backbone']}, adapter {run['adapter']}, seed {run['seed']}; "
-             f"{summary['generation']['decoding']} decoding, at most {ev['max_new_tokens']} new tokens, "
-             f"chunks of {summary['generation']['chunk_size']} tokens (the prompt is the first chunk); "
-             f"budget {ev['budget']} for recon / random.", ""]
-    if summary.get("calibration"):
-        cal = summary["calibration"]
-        lines += [f"recon threshold: starts at {cal['initial_threshold']:.4f}, the (1 - budget) quantile of the probe "
-                  f"losses of {cal['n_chunks']} validation chunks (SKIP pass, {cal['chunk_size']} tokens each); "
-                  "then an online tracker holds the realised rate near the budget.", ""]
-    lines += ["Value: pass@1 (code) or accuracy (answers), one greedy sample per problem, with a 95% bootstrap CI "
-              "over problems; Δ vs skip: the paired difference on the same problems. Tokens/s leaves out each "
-              "benchmark's first batch (compilation); seconds include it.", "",
-              "| Benchmark | Gate | Metric | Value [95% CI] | Δ vs skip [95% CI] | Passed / n | Update rate | Tokens "
-              "| Tokens/s | Seconds |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in summary["results"]:
-        speed = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f}"
-        delta = "-"
-        if r.get("vs_skip"):
-            d = r["vs_skip"]
-            delta = f"{d['difference']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
-        lines.append(f"| {r['benchmark']} | {r['gate']} | {r['metric']} | {r['value']:.3f} [{r['ci'][0]:.3f}, "
-                     f"{r['ci'][1]:.3f}] | {delta} | {r['n_passed']} / {r['n_problems']} | "
-                     f"{_rate(r['update_rate'])} | {r['generated_tokens']} | {speed} | {r['seconds']:.1f} |")
-    truncated = [r for r in summary["results"] if r["prompts_truncated"]]
-    if truncated:
-        lines += ["", "Prompts cut to their last "
-                  f"{summary['generation']['max_prompt_tokens']} tokens to fit the context: "
-                  + ", ".join(f"{r['benchmark']} / {r['gate']} {r['prompts_truncated']}" for r in truncated) + "."]
-    return "\n".join(lines) + "\n"
-
-
 def write_outputs(root: pathlib.Path, summary: dict[str, Any], samples: list[dict]) -> dict[str, pathlib.Path]:
     root.mkdir(parents=True, exist_ok=True)
     paths = {"results": root / RESULTS_FILE, "report": root / REPORT_FILE, "samples": root / SAMPLES_FILE}
     paths["results"].write_text(json.dumps(summary, indent=2) + "\n")
-    paths["report"].write_text(render_markdown(summary))
+    paths["report"].write_text(tasks.render_benchmark_report(summary))
     paths["samples"].write_text("".join(json.dumps(s) + "\n" for s in samples))
     return paths
