@@ -57,11 +57,16 @@ class Gate(Protocol):
     kind: str
     causal: bool
 
-    def init_state(self, batch_size: int) -> Any: ...
+    def init_state(self, batch_size: int) -> Any:
+        """The carried state at the start of a stream of ``batch_size`` sequences (a pytree; ``()`` if stateless)."""
+        ...
 
     def __call__(
         self, inputs: GateInput, state: Any, key: jax.Array | None = None, *, train: bool = False
-    ) -> GateOutput: ...
+    ) -> GateOutput:
+        """Decide one chunk for every sequence of the batch. ``key`` is required by gates that sample (random,
+        Gumbel and PPO with ``train=True``); ``train`` switches learned gates from argmax to sampling."""
+        ...
 
 
 def decision_cost(out: GateOutput, table: CostTable, normalised: bool = True) -> jax.Array:

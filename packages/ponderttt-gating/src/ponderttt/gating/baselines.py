@@ -41,9 +41,13 @@ class FixedGate:
         _check_action(self.action, "FixedGate.action")
 
     def init_state(self, batch_size: int) -> tuple:
+        """Stateless: ``()``."""
         return ()
 
-    def __call__(self, inputs: GateInput, state, key=None, *, train: bool = False) -> GateOutput:
+    def __call__(
+        self, inputs: GateInput, state: tuple, key: jax.Array | None = None, *, train: bool = False
+    ) -> GateOutput:
+        """[B] int32 ``self.action`` (B from ``inputs.features``); ``state`` passes through, ``key`` is unused."""
         batch = inputs.features.shape[0]
         return _discrete_output(jnp.full((batch,), self.action, jnp.int32), state)
 
@@ -92,9 +96,13 @@ class RandomGate:
         _check_action(self.update_action, "RandomGate.update_action")
 
     def init_state(self, batch_size: int) -> tuple:
+        """Stateless: ``()`` (randomness comes from the per-call ``key``)."""
         return ()
 
-    def __call__(self, inputs: GateInput, state, key=None, *, train: bool = False) -> GateOutput:
+    def __call__(
+        self, inputs: GateInput, state: tuple, key: jax.Array | None = None, *, train: bool = False
+    ) -> GateOutput:
+        """[B] actions, ``update_action`` or SKIP, drawn with ``key``. Raises ValueError when ``key`` is None."""
         if key is None:
             raise ValueError("RandomGate needs a PRNG key: call gate(inputs, state, jax.random.key(seed))")
         batch = inputs.features.shape[0]
@@ -141,6 +149,8 @@ def oracle_update_mask(advantage: jax.Array, rate: float, scope: str = "global")
 
 
 class OracleState(NamedTuple):
+    """The oracle's position in the document: which column of the [B, N] advantage table comes next."""
+
     chunk: jax.Array  # int32 scalar: index of the next chunk (used by the "global" and "per_sequence" scopes)
 
 
@@ -166,9 +176,14 @@ class OracleGate:
             raise ValueError(f"unknown oracle scope {self.scope!r}; use one of {ORACLE_SCOPES}")
 
     def init_state(self, batch_size: int) -> OracleState:
+        """Start at chunk 0 (one counter shared by the batch)."""
         return OracleState(jnp.zeros((), jnp.int32))
 
-    def __call__(self, inputs: GateInput, state: OracleState, key=None, *, train: bool = False) -> GateOutput:
+    def __call__(
+        self, inputs: GateInput, state: OracleState, key: jax.Array | None = None, *, train: bool = False
+    ) -> GateOutput:
+        """[B] actions for chunk ``state.chunk`` from ``inputs.advantage`` ([B] for scope "batch", else [B, N]);
+        ``aux["non_causal"]`` is True. Raises ValueError when the advantage is missing or has the wrong rank."""
         adv = inputs.advantage
         if adv is None:
             raise ValueError("the oracle gate (non-causal) needs GateInput.advantage = loss(SKIP) - loss(UPDATE)")

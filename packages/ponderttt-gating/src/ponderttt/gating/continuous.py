@@ -24,6 +24,10 @@ from ponderttt.gating.mlp import MLP
 
 @dataclasses.dataclass(frozen=True)
 class ContinuousConfig:
+    """num_features: F of the feature vector (the MLP sees F + 1 inputs: features and remaining budget).
+    hidden: MLP hidden widths. scale_max: λ_max (λ = scale_max · sigmoid). cost_table: prices λ for the budget.
+    Raises ValueError unless 0 < initial_scale < scale_max and budget >= 0."""
+
     num_features: int = 32
     hidden: tuple[int, ...] = (64,)
     scale_max: float = 4.0
@@ -41,6 +45,8 @@ class ContinuousConfig:
 
 
 class ContinuousState(NamedTuple):
+    """Per-sequence budget bookkeeping of ``ContinuousGate`` (reset with ``init_state`` at a new document)."""
+
     spent: jax.Array  # [B] normalised cost spent so far in the document
     chunk: jax.Array  # [B] chunks decided so far
 
@@ -51,6 +57,9 @@ def budget_remaining(state: ContinuousState, budget: float) -> jax.Array:
 
 
 class ContinuousGate(nnx.Module):
+    """Learned continuous gate: ``out.action`` is None and ``out.scale`` is [B] λ ∈ (0, scale_max), differentiable.
+    ``aux["cost"]`` is the [B] normalised cost of λ, ``aux["budget_remaining"]`` the [B] credit it saw."""
+
     kind = "continuous"
     causal = True
 
@@ -60,10 +69,15 @@ class ContinuousGate(nnx.Module):
         self.net = MLP(cfg.num_features + 1, cfg.hidden, 1, rngs=rngs, out_scale=0.1, out_bias=math.log(p / (1 - p)))
 
     def init_state(self, batch_size: int) -> ContinuousState:
+        """Nothing spent, no chunk decided: two [B] float32 zero vectors."""
         zeros = jnp.zeros((batch_size,), jnp.float32)
         return ContinuousState(zeros, zeros)
 
-    def __call__(self, inputs: GateInput, state: ContinuousState, key=None, *, train: bool = False) -> GateOutput:
+    def __call__(
+        self, inputs: GateInput, state: ContinuousState, key: jax.Array | None = None, *, train: bool = False
+    ) -> GateOutput:
+        """[B, F] features and the [B] remaining budget -> [B] λ; deterministic (``key`` and ``train`` unused).
+        The spent cost in the new state is gradient-stopped."""
         cfg = self.cfg
         remaining = budget_remaining(state, cfg.budget)
         x = jnp.concatenate([inputs.features, remaining[:, None]], axis=-1)

@@ -119,22 +119,27 @@ class FeatureConfig:
 
     @classmethod
     def default32(cls) -> FeatureConfig:
+        """The 32-D layout (``DEFAULT_GROUPS``)."""
         return cls(extended=False)
 
     @classmethod
     def extended64(cls) -> FeatureConfig:
+        """The 64-D layout: ``DEFAULT_GROUPS`` followed by ``EXTENDED_GROUPS``."""
         return cls(extended=True)
 
     @property
     def groups(self) -> dict[str, tuple[str, ...]]:
+        """Group name -> feature names, in column order (a fresh dict)."""
         return {**DEFAULT_GROUPS, **EXTENDED_GROUPS} if self.extended else dict(DEFAULT_GROUPS)
 
     @property
     def names(self) -> tuple[str, ...]:
+        """Feature names in column order: ``names[i]`` labels column i of the [B, F] features."""
         return tuple(name for names in self.groups.values() for name in names)
 
     @property
     def num_features(self) -> int:
+        """F: 32, or 64 when ``extended``."""
         return len(self.names)
 
     def index(self, name: str) -> int:
@@ -144,10 +149,12 @@ class FeatureConfig:
         return self.names.index(name)
 
     def normalised_mask(self) -> tuple[bool, ...]:
+        """[F] True where a column is standardised (its group is in ``NORMALISED_GROUPS``), False where raw."""
         return tuple(group in NORMALISED_GROUPS for group, names in self.groups.items() for _ in names)
 
 
 def feature_index(name: str, extended: bool = False) -> int:
+    """Column of feature ``name`` in the 32-D (or ``extended`` 64-D) layout; KeyError for an unknown name."""
     return FeatureConfig(extended=extended).index(name)
 
 
@@ -176,6 +183,8 @@ class FeatureInputs(NamedTuple):
 
 
 class FeatureState(NamedTuple):
+    """What ``extract_features`` carries between chunks: per-sequence history and shared normalisation stats."""
+
     chunk: jax.Array  # [B] float32 chunks seen in the current document
     ema: dict[str, jax.Array]  # name -> [B] per-sequence EMAs and previous values
     stats_mean: jax.Array  # [F] running mean for normalisation
@@ -219,6 +228,7 @@ def gradient_variance(token_grads_btd: jax.Array, token_mask_bt: jax.Array | Non
 
 
 def init_feature_state(batch_size: int, cfg: FeatureConfig = FeatureConfig()) -> FeatureState:
+    """Fresh state for ``batch_size`` sequences: zero history, mean 0 / variance 1 statistics, no updates yet."""
     zeros = jnp.zeros((batch_size,), jnp.float32)
     f = cfg.num_features
     return FeatureState(
@@ -423,10 +433,15 @@ class FeatureExtractor:
 
     @property
     def num_features(self) -> int:
+        """F, the width of the features this extractor returns."""
         return self.cfg.num_features
 
     def init_state(self, batch_size: int) -> FeatureState:
+        """``init_feature_state(batch_size, self.cfg)``."""
         return init_feature_state(batch_size, self.cfg)
 
-    def __call__(self, inputs: FeatureInputs, state: FeatureState, *, update_stats: bool = True):
+    def __call__(
+        self, inputs: FeatureInputs, state: FeatureState, *, update_stats: bool = True
+    ) -> tuple[jax.Array, FeatureState]:
+        """One chunk -> ([B, F] features, new state); see ``extract_features``."""
         return extract_features(inputs, state, self.cfg, update_stats=update_stats)

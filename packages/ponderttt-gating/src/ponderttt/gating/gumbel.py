@@ -25,6 +25,10 @@ STEP_ACTIONS = (SKIP, UPDATE_1, UPDATE_2, UPDATE_4)
 
 @dataclasses.dataclass(frozen=True)
 class GumbelConfig:
+    """num_features: F of the input features. actions: the action codes the gate chooses among (K of them).
+    temperature_start / temperature_end / anneal_steps: the τ schedule (see ``gumbel_temperature``).
+    Raises ValueError on fewer than 2 distinct or invalid actions, or an increasing / non-positive τ."""
+
     num_features: int = 32
     hidden: tuple[int, ...] = (64,)
     actions: tuple[int, ...] = BINARY_ACTIONS  # binary SKIP/UPDATE_1, or STEP_ACTIONS for k ∈ {0, 1, 2, 4}
@@ -90,9 +94,14 @@ class GumbelGate(nnx.Module):
         self.net = MLP(cfg.num_features, cfg.hidden, len(cfg.actions), rngs=rngs, out_scale=0.1)
 
     def init_state(self, batch_size: int) -> tuple:
+        """Stateless: ``()``."""
         return ()
 
-    def __call__(self, inputs: GateInput, state, key=None, *, train: bool = False) -> GateOutput:
+    def __call__(
+        self, inputs: GateInput, state: tuple, key: jax.Array | None = None, *, train: bool = False
+    ) -> GateOutput:
+        """[B] actions from ``cfg.actions``; ``scale`` = one-hot · steps ([B] float32, differentiable when training).
+        ``train=True`` needs ``key`` and (when annealing) ``inputs.step``, else ValueError."""
         cfg = self.cfg
         logits = self.net(inputs.features)  # [B, K]
         aux = {"logits": logits, "probs": jax.nn.softmax(logits, axis=-1)}

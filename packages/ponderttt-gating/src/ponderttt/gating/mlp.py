@@ -28,6 +28,7 @@ class MLP(nnx.Module):
         self.head = nnx.Linear(dims[-1], out_features, kernel_init=init, bias_init=bias_init, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """[..., in_features] -> [..., out_features]."""
         for layer in self.layers:
             x = jnp.tanh(layer(x))
         return self.head(x)

@@ -23,6 +23,9 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class PIDConfig:
+    """cost_limit: d, the target normalised cost in [0, 1]. kp / ki / kd: the gains (>= 0).
+    lambda_max: optional upper clamp of λ. Raises ValueError on negative gains, decays outside [0, 1), delay < 1."""
+
     cost_limit: float = 0.25
     kp: float = 1.0
     ki: float = 0.1
@@ -43,6 +46,8 @@ class PIDConfig:
 
 
 class PIDState(NamedTuple):
+    """The controller's carried state (all float32 scalars except the ring buffer and the int32 counters)."""
+
     integral: jax.Array  # [] I (already multiplied by K_I)
     p_error: jax.Array  # [] EMA of Δ
     cost_ema: jax.Array  # [] EMA of J
@@ -53,6 +58,8 @@ class PIDState(NamedTuple):
 
 
 class PIDTerms(NamedTuple):
+    """One update's multiplier λ and its parts (scalars): K_P · P, the integral I, K_D · D, and the smoothed cost."""
+
     multiplier: jax.Array
     p_term: jax.Array
     i_term: jax.Array
@@ -61,6 +68,7 @@ class PIDTerms(NamedTuple):
 
 
 def pid_init(cfg: PIDConfig) -> PIDState:
+    """All zeros (λ = 0), a [cfg.delay] history buffer; the first update fills the buffer with its cost."""
     z = jnp.zeros((), jnp.float32)
     return PIDState(
         z, z, z, jnp.zeros((cfg.delay,), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), z

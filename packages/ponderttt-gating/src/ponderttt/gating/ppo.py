@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -29,6 +30,10 @@ from ponderttt.gating.pid import PIDConfig, PIDState, pid_init, pid_update
 
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
+    """Network (num_features, hidden), optimiser (learning_rate, max_grad_norm), PPO (clip_eps, vf_coef, ent_coef,
+    epochs, minibatches, target_kl, kl_stop), GAE (gamma, gae_lambda) and the PID multiplier's ``pid`` settings.
+    Raises ValueError when epochs or minibatches < 1, or clip_eps or target_kl <= 0."""
+
     num_features: int = 32
     hidden: tuple[int, ...] = (64, 64)
     learning_rate: float = 3e-4
@@ -69,9 +74,14 @@ class PPOGate(nnx.Module):
         return self.policy(features_bf), values[:, 0], values[:, 1]
 
     def init_state(self, batch_size: int) -> tuple:
+        """Stateless: ``()``."""
         return ()
 
-    def __call__(self, inputs: GateInput, state, key=None, *, train: bool = False) -> GateOutput:
+    def __call__(
+        self, inputs: GateInput, state: tuple, key: jax.Array | None = None, *, train: bool = False
+    ) -> GateOutput:
+        """[B] actions: sampled from the policy with ``key`` when ``train`` (ValueError without a key), else argmax.
+        ``aux`` holds [B] "log_prob", "value", "cost_value" and [B, 4] "logits"."""
         logits, value, cost_value = self.evaluate(inputs.features)
         if train:
             if key is None:
@@ -165,6 +175,8 @@ def build_ppo_batch(
 
 
 class PPOMetrics(NamedTuple):
+    """Scalar diagnostics of one PPO minibatch loss (approx_kl: k3 estimate; clip_fraction: share of clipped ratios)."""
+
     loss: jax.Array
     policy_loss: jax.Array
     value_loss: jax.Array
@@ -174,6 +186,8 @@ class PPOMetrics(NamedTuple):
 
 
 def ppo_loss(model: PPOGate, batch: PPOBatch, multiplier: jax.Array, cfg: PPOConfig) -> tuple[jax.Array, PPOMetrics]:
+    """Scalar PPO loss (clipped surrogate on ``(A_R − λ·A_C) / (1 + λ)`` + vf_coef · value losses − ent_coef ·
+    entropy) and its metrics. ``multiplier``: the scalar λ, treated as a constant."""
     logits, value, cost_value = model.evaluate(batch.features)
     log_probs_all = jax.nn.log_softmax(logits)
     log_prob = jnp.take_along_axis(log_probs_all, batch.actions[:, None], axis=-1)[:, 0]
@@ -195,12 +209,17 @@ def ppo_loss(model: PPOGate, batch: PPOBatch, multiplier: jax.Array, cfg: PPOCon
 
 
 class PPOTrainState(NamedTuple):
+    """The learner's whole state: the gate's parameters, the optax state and the PID multiplier's state."""
+
     params: nnx.State
     opt_state: optax.OptState
     pid: PIDState
 
 
 class PPOUpdateInfo(NamedTuple):
+    """What one ``PPOLearner.update`` reports; multiplier / p_term / i_term / d_term are the PID terms used for it,
+    cost the rollout's mean normalised cost (all scalars)."""
+
     metrics: PPOMetrics  # mean over the applied minibatches
     applied_minibatches: jax.Array  # how many minibatch updates ran before the KL early stop
     multiplier: jax.Array
@@ -220,18 +239,24 @@ class PPOLearner:
 
     @property
     def optimizer(self) -> optax.GradientTransformation:
+        """Global-norm clipping at ``cfg.max_grad_norm``, then Adam at ``cfg.learning_rate``."""
         return optax.chain(optax.clip_by_global_norm(self.cfg.max_grad_norm), optax.adam(self.cfg.learning_rate))
 
     def init(self, model: PPOGate) -> tuple[nnx.GraphDef, PPOTrainState]:
+        """Split ``model`` into (graphdef, train state with its ``nnx.Param`` state, fresh optimiser and PID)."""
         graphdef, params = nnx.split(model, nnx.Param)
         return graphdef, PPOTrainState(params, self.optimizer.init(params), pid_init(self.cfg.pid))
 
     def model(self, graphdef: nnx.GraphDef, state: PPOTrainState) -> PPOGate:
+        """The gate with ``state``'s parameters (a copy: the train state is not aliased)."""
         return nnx.merge(graphdef, state.params, copy=True)
 
     def update(
         self, graphdef: nnx.GraphDef, state: PPOTrainState, batch: PPOBatch, mean_cost: jax.Array, key: jax.Array
     ) -> tuple[PPOTrainState, PPOUpdateInfo]:
+        """One PPO-Lagrangian update on a flattened rollout of N decisions: the PID multiplier steps on the scalar
+        ``mean_cost`` first, then ``cfg.epochs`` shuffled passes (``key``) of ``cfg.minibatches`` minibatches, with
+        the KL early stop. Raises ValueError when N is not divisible by ``cfg.minibatches``."""
         cfg = self.cfg
         tx = self.optimizer
         pid_state, terms = pid_update(state.pid, mean_cost, cfg.pid)
@@ -275,5 +300,6 @@ class PPOLearner:
         return PPOTrainState(params, opt_state, pid_state), info
 
     @functools.cached_property
-    def jit_update(self):
+    def jit_update(self) -> Callable[..., tuple[PPOTrainState, PPOUpdateInfo]]:
+        """``jax.jit(self.update)`` with ``graphdef`` static, built once per learner."""
         return jax.jit(self.update, static_argnums=0)

@@ -19,7 +19,7 @@ it lives in ``ReconState``.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +78,8 @@ class ReconConfig:
 
 
 class ReconState(NamedTuple):
+    """The threshold tracker's carried state (float32 scalars shared by the batch)."""
+
     tau: jax.Array  # [] threshold, in signal units
     spread: jax.Array  # [] EMA of mean |s - tau|
     center: jax.Array  # [] EMA of the batch-mean signal (tau - center is the integral term)
@@ -118,19 +120,28 @@ class ReconGate:
     causal = True
 
     @classmethod
-    def calibrated(cls, validation_signal: jax.Array, target_rate: float, invert: bool = False, **cfg) -> ReconGate:
+    def calibrated(
+        cls, validation_signal: jax.Array, target_rate: float, invert: bool = False, **cfg: Any
+    ) -> ReconGate:
+        """A gate whose τ and spread come from ``calibrate_threshold`` on ``validation_signal`` and whose centre
+        starts at its mean (unless ``center`` is given); other ``cfg`` keys go to ``ReconConfig``."""
         tau, spread = calibrate_threshold(validation_signal, target_rate, invert)
         center = float(np.mean(np.asarray(validation_signal, np.float64)))
         cfg.setdefault("center", center)
         return cls(ReconConfig(target_rate=target_rate, invert=invert, tau=tau, spread=spread, **cfg))
 
     def init_state(self, batch_size: int) -> ReconState:
+        """τ, spread and centre from the config (centre defaults to τ), zero counts; independent of the batch size."""
         z = jnp.zeros((), jnp.float32)
         center = self.cfg.tau if self.cfg.center is None else self.cfg.center
         f32 = lambda x: jnp.asarray(x, jnp.float32)
         return ReconState(f32(self.cfg.tau), f32(self.cfg.spread), f32(center), z, z)
 
-    def __call__(self, inputs: GateInput, state: ReconState, key=None, *, train: bool = False) -> GateOutput:
+    def __call__(
+        self, inputs: GateInput, state: ReconState, key: jax.Array | None = None, *, train: bool = False
+    ) -> GateOutput:
+        """[B] ``update_action`` where the signal crosses τ, else SKIP. Reads ``inputs.signal`` or, when None, column
+        ``cfg.signal_index`` of the features (ValueError if neither). ``aux``: "tau" used, "realised_rate" so far."""
         signal = inputs.signal
         if signal is None:
             if self.cfg.signal_index is None:
