@@ -138,6 +138,7 @@ class Decontaminator:
             self._grams.setdefault(n, set()).update(zip(*(tokens[i:] for i in range(n)), strict=False))
 
     def is_contaminated(self, text: str) -> bool:
+        """True when `text` shares an n-gram of `code_tokens` (n = min(ngram, solution length)) with a solution."""
         if not self._grams:
             return False
         tokens = code_tokens(text)
@@ -207,4 +208,5 @@ class Cleaner:
     decontaminator: Decontaminator | None = None
 
     def __call__(self, raw: RawFile) -> Document | Skipped:
+        """`clean(raw, self.config, self.decontaminator)`."""
         return clean(raw, self.config, self.decontaminator)

@@ -66,6 +66,7 @@ class PackingConfig:
 
     @property
     def n_chunks(self) -> int:
+        """Chunks per row: seq_len // chunk_size."""
         return self.seq_len // self.chunk_size
 
 
@@ -94,6 +95,7 @@ class SequencePacker:
 
     @property
     def available(self) -> int:
+        """Tokens added but not yet emitted in a row (end-of-document tokens and "padded"-mode padding included)."""
         return self._available
 
     @property

@@ -17,10 +17,11 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import grain
+from grain.sources import RandomAccessDataSource
 
 from ponderttt.data.cleaning import DEFAULT_CLEANING, Cleaner, CleaningConfig, Decontaminator, Document
 from ponderttt.data.packing import PackedSequenceDataset, PackingConfig
-from ponderttt.data.sources import stdlib_source
+from ponderttt.data.sources import RawFile, stdlib_source
 from ponderttt.data.split import DEFAULT_SPLIT, SplitConfig
 from ponderttt.data.stack_v2 import StackV2Config, StackV2Dataset
 from ponderttt.data.tokenizer import DEFAULT_BPE, BPEConfig, TextTokenizer, train_bpe
@@ -75,6 +76,7 @@ class PipelineConfig:
         return cls(packing=PackingConfig(seq_len=2048, chunk_size=512), batch_size=8, num_epochs=None)
 
     def for_process(self, process_index: int, process_count: int) -> PipelineConfig:
+        """This config reading shard `process_index` of `process_count` (e.g. from `jax_process_shard()`)."""
         return dataclasses.replace(self, shard_index=process_index, shard_count=process_count)
 
 
@@ -87,7 +89,7 @@ def jax_process_shard() -> tuple[int, int]:
     return options.shard_index, options.shard_count
 
 
-def document_dataset(source, config: PipelineConfig = PipelineConfig(),
+def document_dataset(source: RandomAccessDataSource[RawFile], config: PipelineConfig = PipelineConfig(),
                      decontaminator: Decontaminator | None = None) -> grain.MapDataset:
     """MapDataset of `Document` / `Skipped`: this process's shard of `source`, shuffled, repeated, cleaned."""
     if len(source) == 0:
@@ -106,7 +108,8 @@ def _read_options(config: PipelineConfig) -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch_buffer_size)
 
 
-def sequence_dataset(source, tokenizer: TextTokenizer, config: PipelineConfig = PipelineConfig(),
+def sequence_dataset(source: RandomAccessDataSource[RawFile], tokenizer: TextTokenizer,
+                     config: PipelineConfig = PipelineConfig(),
                      decontaminator: Decontaminator | None = None) -> grain.IterDataset:
     """IterDataset of packed rows (dicts of [seq_len] arrays, see `ponderttt.data.packing`)."""
     docs = document_dataset(source, config, decontaminator).to_iter_dataset(_read_options(config))
@@ -120,7 +123,8 @@ def _finish(rows: grain.IterDataset, config: PipelineConfig) -> grain.IterDatase
     return batches
 
 
-def build_pipeline(source, tokenizer: TextTokenizer, config: PipelineConfig = PipelineConfig(),
+def build_pipeline(source: RandomAccessDataSource[RawFile], tokenizer: TextTokenizer,
+                   config: PipelineConfig = PipelineConfig(),
                    decontaminator: Decontaminator | None = None) -> grain.IterDataset:
     """IterDataset of batches: dicts of arrays [batch_size, seq_len] (input_ids, targets, loss_mask, doc_ids,
     doc_start). View them as chunks with `as_chunks(batch, config.packing.chunk_size)`."""
@@ -151,8 +155,8 @@ def stack_v2_pipeline(stack: StackV2Config, tokenizer: TextTokenizer, config: Pi
     return _finish(PackedSequenceDataset(docs, tokenizer, config.packing), config)
 
 
-def mixture_pipeline(sources: Mapping[str, Any], weights: Mapping[str, float], tokenizer: TextTokenizer,
-                     config: PipelineConfig = PipelineConfig(),
+def mixture_pipeline(sources: Mapping[str, RandomAccessDataSource[RawFile]], weights: Mapping[str, float],
+                     tokenizer: TextTokenizer, config: PipelineConfig = PipelineConfig(),
                      decontaminator: Decontaminator | None = None) -> grain.IterDataset:
     """Batches whose rows come from named streams (e.g. one per language) in proportion to `weights`.
 
@@ -167,7 +171,7 @@ def mixture_pipeline(sources: Mapping[str, Any], weights: Mapping[str, float], t
     return _finish(grain.IterDataset.mix(streams, {name: float(weights[name]) for name in streams}), config)
 
 
-def iter_documents(source, cleaning: CleaningConfig = DEFAULT_CLEANING,
+def iter_documents(source: RandomAccessDataSource[RawFile], cleaning: CleaningConfig = DEFAULT_CLEANING,
                    decontaminator: Decontaminator | None = None) -> Iterator[Document]:
     """The clean documents of `source`, in source order, in this process (for tokenizer training, audits)."""
     cleaner = Cleaner(cleaning, decontaminator)
@@ -177,7 +181,8 @@ def iter_documents(source, cleaning: CleaningConfig = DEFAULT_CLEANING,
             yield record
 
 
-def train_bpe_on_source(source, bpe: BPEConfig = DEFAULT_BPE, cleaning: CleaningConfig = DEFAULT_CLEANING, *,
+def train_bpe_on_source(source: RandomAccessDataSource[RawFile], bpe: BPEConfig = DEFAULT_BPE,
+                        cleaning: CleaningConfig = DEFAULT_CLEANING, *,
                         cache_dir: str | os.PathLike | None = None) -> TextTokenizer:
     """A byte-level BPE trained on the clean documents of `source` (cached by their content hash)."""
     return train_bpe((doc.text for doc in iter_documents(source, cleaning)), bpe, cache_dir=cache_dir)

@@ -15,6 +15,7 @@ import os
 import pathlib
 import sysconfig
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from ponderttt.data.split import DEFAULT_SPLIT, SPLITS, SplitConfig, split_of
 
@@ -134,6 +135,7 @@ class FileTreeSource:
 
     @property
     def keys(self) -> list[str]:
+        """Relative POSIX paths of the listed files, in record order (`self[i].key == self.keys[i]`)."""
         return [rel for rel, _ in self._entries]
 
     def __len__(self) -> int:
@@ -304,7 +306,7 @@ class StackV2FileSource:
 NAMED_SOURCES = ("stdlib",)
 
 
-def named_source(name: str, split: str | None = "train", **kwargs) -> FileTreeSource:
+def named_source(name: str, split: str | None = "train", **kwargs: Any) -> FileTreeSource:
     """A source by name: "stdlib" (the embedded default). Keyword arguments go to the source's constructor."""
     if name == "stdlib":
         return stdlib_source(split, **kwargs)

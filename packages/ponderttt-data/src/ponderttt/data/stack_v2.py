@@ -22,7 +22,7 @@ import pathlib
 import tempfile
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import boto3
 import botocore
@@ -32,6 +32,9 @@ import grain
 
 from ponderttt.data.sources import RawFile, _check_split
 from ponderttt.data.split import DEFAULT_SPLIT, SplitConfig, split_of
+
+if TYPE_CHECKING:
+    import botocore.client
 
 
 class StackV2AccessError(RuntimeError):
@@ -134,7 +137,9 @@ class ContentFetcher:
         self._consecutive_failures = 0
         self.attempts = 0  # requests made, retries included (for tests and logs)
 
-    def client(self):
+    def client(self) -> botocore.client.BaseClient:
+        """The S3 client, created on first use (unsigned when `config.unsigned`, one attempt per request: the
+        retries with backoff are `fetch_compressed`'s) and shared by the threads."""
         with self._lock:
             if self._client is None:
                 cfg = self.config

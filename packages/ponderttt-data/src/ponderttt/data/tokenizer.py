@@ -39,6 +39,7 @@ class TextTokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """Number of token ids, added (special) tokens included: ids lie in [0, vocab_size)."""
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> np.ndarray:
@@ -53,6 +54,7 @@ class TextTokenizer:
         return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
 
     def decode(self, ids: Iterable[int]) -> str:
+        """The text of token `ids` (any integers, numpy ones included); special tokens are kept in the text."""
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
