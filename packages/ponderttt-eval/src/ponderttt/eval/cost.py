@@ -29,6 +29,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -108,30 +109,37 @@ class BackboneSpec:
 
     @property
     def resolved_head_dim(self) -> int:
+        """``head_dim``, or hidden_size // num_heads when unset."""
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
 
     @property
     def resolved_mlp_hidden(self) -> int:
+        """``mlp_hidden``, or 4 x hidden_size when unset."""
         return self.mlp_hidden if self.mlp_hidden is not None else 4 * self.hidden_size
 
     @property
     def chunks_per_sequence(self) -> int:
+        """seq_len // chunk_size (exact: ``__post_init__`` checks divisibility)."""
         return self.seq_len // self.chunk_size
 
     @classmethod
     def gpt2_125m(cls, seq_len: int = 1024, chunk_size: int = 512) -> BackboneSpec:
+        """GPT-2 small: 12 layers, hidden 768, 12 heads, vocabulary 50257."""
         return cls(12, 768, 12, 50257, seq_len, chunk_size)
 
     @classmethod
     def gpt2_350m(cls, seq_len: int = 1024, chunk_size: int = 512) -> BackboneSpec:
+        """GPT-2 medium: 24 layers, hidden 1024, 16 heads, vocabulary 50257."""
         return cls(24, 1024, 16, 50257, seq_len, chunk_size)
 
     @classmethod
     def gpt2_774m(cls, seq_len: int = 1024, chunk_size: int = 512) -> BackboneSpec:
+        """GPT-2 large: 36 layers, hidden 1280, 20 heads, vocabulary 50257."""
         return cls(36, 1280, 20, 50257, seq_len, chunk_size)
 
     @classmethod
     def gpt2_1_5b(cls, seq_len: int = 1024, chunk_size: int = 512) -> BackboneSpec:
+        """GPT-2 XL: 48 layers, hidden 1600, 25 heads, vocabulary 50257."""
         return cls(48, 1600, 25, 50257, seq_len, chunk_size)
 
 
@@ -174,12 +182,13 @@ class AdapterSpec:
 
     @property
     def resolved_projections(self) -> int:
+        """``projections``, or the kind's default: 4 (Q, K, V, O) for TTT layers, 0 for LoRA-TTT."""
         if self.projections is not None:
             return self.projections
         return 0 if self.kind == "lora_ttt" else 4
 
     @classmethod
-    def for_backbone(cls, backbone: BackboneSpec, kind: str = "ttt_linear", **overrides) -> AdapterSpec:
+    def for_backbone(cls, backbone: BackboneSpec, kind: str = "ttt_linear", **overrides: Any) -> AdapterSpec:
         """An adapter sized like the backbone: TTT heads = backbone heads, inner_dim = hidden / heads;
         LoRA-TTT with rank 16 unless ``inner_dim`` is given."""
         if kind == "lora_ttt":
@@ -215,6 +224,7 @@ class FlopBreakdown:
 
     @property
     def total(self) -> float:
+        """backbone + adapter + probe + inner FLOPs."""
         return self.backbone + self.adapter + self.probe + self.inner
 
 
@@ -297,6 +307,7 @@ class ActionCost:
     wall_clock_s: float | None = None
 
     def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict (``wall_clock_s`` may be None)."""
         return dataclasses.asdict(self)
 
 
@@ -318,6 +329,7 @@ class CostTable:
 
     @property
     def has_wall_clock(self) -> bool:
+        """True when every action has a measured ``wall_clock_s`` (so the "wall_clock_s" unit is usable)."""
         return all(a.wall_clock_s is not None for a in self.actions.values())
 
     def with_wall_clock(self, seconds_per_chunk: Mapping[str | int, float]) -> CostTable:
@@ -332,10 +344,12 @@ class CostTable:
         return CostTable({k: dataclasses.replace(a, wall_clock_s=given[k]) for k, a in self.actions.items()})
 
     def to_dict(self) -> dict:
+        """Action name -> ``ActionCost.to_dict()``; ``from_dict`` reads it back."""
         return {name: cost.to_dict() for name, cost in self.actions.items()}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Mapping]) -> CostTable:
+        """The inverse of ``to_dict`` (e.g. a results.json ``cost_table``); raises ValueError without "skip"."""
         return cls({name: ActionCost(**dict(entry)) for name, entry in data.items()})
 
     def unit_costs(self, unit: str) -> dict[int, float]:

@@ -58,7 +58,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = [
     "ALLOW_ENV_VAR",
@@ -110,6 +110,7 @@ class ExecutionResult:
 
     @property
     def passed(self) -> bool:
+        """True when ``status == "passed"`` (exit status 0 within the limits)."""
         return self.status == "passed"
 
 
@@ -420,7 +421,7 @@ def run_programs(
     *,
     stdins: Sequence[str | None] | None = None,
     max_workers: int | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> list[ExecutionResult]:
     """Run many programs in parallel (a pool of ``max_workers`` threads, default the CPU count), results in order.
 

@@ -10,6 +10,7 @@ token-weighted mean (total NLL / number of unmasked tokens), never a mean of per
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy.special import log_softmax
@@ -145,8 +146,12 @@ def budget_matched_oracle(loss_skip: np.ndarray, loss_update: np.ndarray, num_up
     return chosen.reshape(np.shape(loss_skip))
 
 
-def oracle_recovery(loss_skip: float | np.ndarray, loss_method: float | np.ndarray, loss_oracle: float | np.ndarray):
-    """Oracle capture (L_skip − L_method) / (L_skip − L_oracle); NaN where the oracle does not beat SKIP."""
+def oracle_recovery(
+    loss_skip: float | np.ndarray, loss_method: float | np.ndarray, loss_oracle: float | np.ndarray
+) -> float | np.ndarray:
+    """Oracle capture (L_skip − L_method) / (L_skip − L_oracle); NaN where the oracle does not beat SKIP.
+
+    Broadcasts its arguments; a float for scalar inputs, else a float64 array of the broadcast shape."""
     skip = np.asarray(loss_skip, dtype=np.float64)
     gap = skip - np.asarray(loss_oracle, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -221,10 +226,12 @@ def action_distribution(actions: Sequence | np.ndarray, names: Sequence[str] | N
 
 def lambda_summary(
     lambdas: Sequence | np.ndarray, *, bins: int | Sequence[float] = 20, lambda_max: float | None = None
-):
+) -> dict[str, Any]:
     """Summary of continuous scales λ: mean, std, quantiles, fraction exactly zero and a histogram.
 
     The histogram spans [0, lambda_max] (default: the largest λ, at least 1) so runs with one λ_max compare.
+    Returns floats "mean", "std", "fraction_zero", "quantiles" {p05, p25, p50, p75, p95} and "histogram"
+    {edges, counts} as lists; raises ValueError on no or non-finite λ.
     """
     lam = np.asarray(lambdas, dtype=np.float64).ravel()
     if lam.size == 0:

@@ -64,8 +64,16 @@ def lower_hull(costs: Sequence[float] | np.ndarray, losses: Sequence[float] | np
     return np.asarray(hull, dtype=np.int64)
 
 
-def frontier_loss(costs, losses, at_cost: float | np.ndarray, *, kind: str = "step") -> np.ndarray:
-    """Best reachable loss at each budget in ``at_cost``; NaN below the cheapest point."""
+def frontier_loss(
+    costs: Sequence[float] | np.ndarray,
+    losses: Sequence[float] | np.ndarray,
+    at_cost: float | np.ndarray,
+    *,
+    kind: str = "step",
+) -> np.ndarray:
+    """Best reachable loss at each budget in ``at_cost`` (same shape); NaN below the cheapest point.
+
+    ``kind``: "step" or "hull" (see the module docstring); raises ValueError for another kind or bad points."""
     if kind not in FRONTIER_KINDS:
         raise ValueError(f"unknown frontier kind {kind!r}; expected one of {FRONTIER_KINDS}")
     c, l = _points(costs, losses)

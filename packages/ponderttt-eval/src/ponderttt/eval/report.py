@@ -432,7 +432,9 @@ def _check(results: Sequence[Mapping], **sections: Sequence[Mapping]) -> None:
 # ---------------------------------------------------------------- Pareto summary
 
 
-def pareto_summary(results: Sequence[Mapping], units: Sequence[str] = ("relative_flops", "published", "wall_clock_s")):
+def pareto_summary(
+    results: Sequence[Mapping], units: Sequence[str] = ("relative_flops", "published", "wall_clock_s")
+) -> dict[str, dict[str, dict]]:
     """Per protocol and cost unit: the frontier over all records, and each multi-budget method's AUC.
 
     The AUC range is shared by the methods compared: from the highest of their cheapest points to the

@@ -19,9 +19,11 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.stats
+from numpy.typing import ArrayLike
 
 DEFAULT_RESAMPLES = 2000
 DEFAULT_CONFIDENCE = 0.95
@@ -38,6 +40,7 @@ class Estimate:
     method: str
 
     def to_dict(self) -> dict:
+        """``{"value", "ci": [low, high], "confidence", "method"}``, JSON-ready."""
         return {"value": self.value, "ci": [self.low, self.high], "confidence": self.confidence, "method": self.method}
 
 
@@ -99,17 +102,19 @@ def bootstrap_ci(
     return Estimate(point, low, high, confidence, used)
 
 
-def mean_ci(x, **kwargs) -> Estimate:
-    """Mean with a bootstrap CI."""
+def mean_ci(x: Sequence[float] | np.ndarray, **kwargs: Any) -> Estimate:
+    """Mean with a bootstrap CI; keyword arguments go to :func:`bootstrap_ci`."""
     return bootstrap_ci((x,), lambda a, axis: np.mean(a, axis=axis), paired=False, **kwargs)
 
 
-def paired_difference_ci(a, b, **kwargs) -> Estimate:
+def paired_difference_ci(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, **kwargs: Any) -> Estimate:
     """Mean of a − b with a paired bootstrap CI (a, b scored on the same items)."""
     return bootstrap_ci((a, b), lambda x, y, axis: np.mean(x - y, axis=axis), paired=True, **kwargs)
 
 
-def ratio_ci(numerator, denominator, **kwargs) -> Estimate:
+def ratio_ci(
+    numerator: Sequence[float] | np.ndarray, denominator: Sequence[float] | np.ndarray, **kwargs: Any
+) -> Estimate:
     """Σ numerator / Σ denominator with a paired bootstrap CI over items.
 
     The token-weighted loss of a set of documents is Σ NLL / Σ tokens: pass per-document sums to resample
@@ -144,7 +149,7 @@ def _score_matrix(x, name: str) -> np.ndarray:
     return arr
 
 
-def iqm(scores) -> float:
+def iqm(scores: ArrayLike) -> float:
     """Interquartile mean (25% trimmed mean) over all runs and tasks (``rliable.metrics.aggregate_iqm``)."""
     from rliable import metrics
 
@@ -186,8 +191,8 @@ def iqm_ci(
 
 
 def probability_of_improvement(
-    scores_x,
-    scores_y,
+    scores_x: ArrayLike,
+    scores_y: ArrayLike,
     *,
     higher_is_better: bool = True,
     reps: int = DEFAULT_RESAMPLES,
@@ -226,7 +231,7 @@ def probability_of_improvement(
 # ---------------------------------------------------------------- tests and effect sizes
 
 
-def wilcoxon(a, b) -> dict[str, float]:
+def wilcoxon(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> dict[str, float]:
     """Wilcoxon signed-rank test of a − b (``scipy.stats.wilcoxon``); p = 1 when every difference is zero."""
     x, y = _as_1d(a, "a"), _as_1d(b, "b")
     if x.size != y.size:
@@ -237,7 +242,7 @@ def wilcoxon(a, b) -> dict[str, float]:
     return {"statistic": float(res.statistic), "pvalue": float(res.pvalue)}
 
 
-def paired_t_test(a, b) -> dict[str, float]:
+def paired_t_test(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> dict[str, float]:
     """Paired t-test of a − b (``scipy.stats.ttest_rel``)."""
     x, y = _as_1d(a, "a"), _as_1d(b, "b")
     if x.size != y.size or x.size < 2:
@@ -246,7 +251,7 @@ def paired_t_test(a, b) -> dict[str, float]:
     return {"statistic": float(res.statistic), "pvalue": float(res.pvalue), "df": float(x.size - 1)}
 
 
-def cohens_d(a, b, *, paired: bool = True) -> float:
+def cohens_d(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, *, paired: bool = True) -> float:
     """Cohen's d from SciPy's t statistic: paired d_z = t/√n; independent d = t·√(1/n₁ + 1/n₂) (pooled SD).
 
     NaN when the deviation it divides by is zero.
@@ -263,7 +268,7 @@ def cohens_d(a, b, *, paired: bool = True) -> float:
         return float(t * math.sqrt(1.0 / x.size + 1.0 / y.size))
 
 
-def cliffs_delta(a, b) -> float:
+def cliffs_delta(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
     """Cliff's delta P(a > b) − P(a < b) over all pairs, from the Mann–Whitney U (``scipy.stats.mannwhitneyu``)."""
     x, y = _as_1d(a, "a"), _as_1d(b, "b")
     u = scipy.stats.mannwhitneyu(x, y, alternative="two-sided", method="asymptotic").statistic
@@ -271,8 +276,8 @@ def cliffs_delta(a, b) -> float:
 
 
 def compare_paired(
-    a,
-    b,
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
     *,
     higher_is_better: bool = False,
     n_resamples: int = DEFAULT_RESAMPLES,

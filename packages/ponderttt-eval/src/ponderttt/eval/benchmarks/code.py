@@ -14,6 +14,7 @@ import dataclasses
 import json
 import re
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ponderttt.eval.benchmarks.common import (
     BenchmarkResult,
@@ -24,6 +25,9 @@ from ponderttt.eval.benchmarks.common import (
     summarize,
     truncate_at_stops,
 )
+
+if TYPE_CHECKING:
+    from ponderttt.eval.execution import ExecutionResult
 
 __all__ = [
     "HUMANEVAL_STOPS",
@@ -42,7 +46,7 @@ HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 MBPP_STOPS = ("[DONE]",)
 
 
-def _judge_exit_status(result, completion: str) -> SampleResult:
+def _judge_exit_status(result: ExecutionResult, completion: str) -> SampleResult:
     return SampleResult(result.status == "passed", result.status, result.reason, completion)
 
 
@@ -61,15 +65,19 @@ class HumanEvalProblem:
     canonical_solution: str = ""
 
     def build_prompt(self) -> str:
+        """The task's own ``prompt`` (signature and docstring), unchanged: zero-shot completion."""
         return self.prompt
 
     def postprocess(self, generation: str) -> str:
+        """The continuation up to the first :data:`HUMANEVAL_STOPS` sequence (where top-level code resumes)."""
         return truncate_at_stops(generation, HUMANEVAL_STOPS)
 
     def program(self, completion: str) -> str:
+        """Prompt + completion, the task's ``check`` function, and ``check(entry_point)``: exit status 0 = pass."""
         return f"{self.prompt}{completion}\n\n{self.test}\n\ncheck({self.entry_point})\n"
 
-    def judge(self, result, completion: str) -> SampleResult:
+    def judge(self, result: ExecutionResult, completion: str) -> SampleResult:
+        """Passed iff the sandbox status is "passed"; status and reason are the sandbox's."""
         return _judge_exit_status(result, completion)
 
 
@@ -128,13 +136,16 @@ class MBPPProblem:
         return "\n".join(parts)
 
     def postprocess(self, generation: str) -> str:
+        """The answer up to ``[DONE]``, sanitised to top-level imports and definitions (see ``sanitize_python``)."""
         return sanitize_python(truncate_at_stops(generation, MBPP_STOPS), entry_point=self.entry_point)
 
     def program(self, completion: str, *, challenge: bool = False) -> str:
+        """Setup code, the completion and the test asserts (plus ``challenge_test_list`` with ``challenge``)."""
         tests = list(self.test_list) + (list(self.challenge_test_list) if challenge else [])
         return f"{self.test_setup_code}\n\n{completion}\n\n" + "\n".join(tests) + "\n"
 
-    def judge(self, result, completion: str) -> SampleResult:
+    def judge(self, result: ExecutionResult, completion: str) -> SampleResult:
+        """Passed iff the sandbox status is "passed" (every assert held)."""
         return _judge_exit_status(result, completion)
 
 
@@ -202,9 +213,12 @@ class ClassEvalProblem:
         )
 
     def postprocess(self, generation: str) -> str:
+        """The code block that defines ``class_name``, sanitised to top-level imports and definitions."""
         return sanitize_python(generation, entry_point=self.class_name)
 
     def program(self, completion: str) -> str:
+        """Imports, the completion and the test module (its ``__main__`` block dropped), then a runner that runs each
+        of ``test_classes``, prints their outcomes as one JSON line and exits 0 only if all pass."""
         runner = (
             "import json as _pt_json, sys as _pt_sys, unittest as _pt_unittest\n"
             "_pt_outcome = {}\n"
@@ -218,7 +232,7 @@ class ClassEvalProblem:
         imports = "\n".join(self.import_statement)
         return f"{imports}\n\n{completion}\n\n{_without_main_guard(self.test)}\n\n{runner}"
 
-    def judge(self, result, completion: str) -> SampleResult:
+    def judge(self, result: ExecutionResult, completion: str) -> SampleResult:
         """Class-level pass from the exit status; ``details`` holds each test class's outcome (method level)."""
         outcome = {}
         for line in reversed(result.stdout.splitlines()):
@@ -270,7 +284,7 @@ def evaluate_code(
     timeout_s: float = 3.0,
     memory_mb: int = 1024,
     max_workers: int | None = None,
-    **sandbox,
+    **sandbox: Any,
 ) -> BenchmarkResult:
     """Grade ``generations[task_id]`` (raw model outputs, or code if ``postprocess=False``) for every problem.
 

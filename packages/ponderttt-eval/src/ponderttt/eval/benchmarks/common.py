@@ -78,6 +78,7 @@ def load_records(
 
 
 def require_fields(record: Mapping, fields: Iterable[str], benchmark: str) -> None:
+    """Raise ``KeyError`` naming every one of ``fields`` that ``record`` lacks (and the fields it has)."""
     missing = [f for f in fields if f not in record]
     if missing:
         raise KeyError(f"{benchmark} record is missing fields {missing}; it has {sorted(record)}")
@@ -162,19 +163,24 @@ class SampleResult:
 
 @dataclasses.dataclass(frozen=True)
 class ProblemResult:
+    """One problem's samples and its unbiased pass@k (k -> estimate in [0, 1], for k <= number of samples)."""
+
     task_id: str
     samples: tuple[SampleResult, ...]
     pass_at_k: Mapping[int, float]
 
     @property
     def num_samples(self) -> int:
+        """n, the generations graded for this problem."""
         return len(self.samples)
 
     @property
     def num_correct(self) -> int:
+        """c, the generations that passed."""
         return sum(s.passed for s in self.samples)
 
     def to_dict(self) -> dict:
+        """JSON-ready: counts, pass@k with string keys, and every sample (its ``details`` as a plain dict)."""
         return {
             "task_id": self.task_id,
             "num_samples": self.num_samples,
@@ -194,6 +200,7 @@ class BenchmarkResult:
     extra: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """JSON-ready: name, problem count, mean pass@k with string keys, ``extra`` when non-empty, each problem."""
         return {
             "benchmark": self.benchmark,
             "num_problems": len(self.problems),

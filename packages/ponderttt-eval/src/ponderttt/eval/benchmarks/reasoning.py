@@ -19,6 +19,7 @@ import threading
 import zlib
 from collections.abc import Mapping, Sequence
 from decimal import Decimal, InvalidOperation
+from typing import TYPE_CHECKING, Any
 
 from ponderttt.eval.benchmarks.common import (
     BenchmarkResult,
@@ -28,6 +29,9 @@ from ponderttt.eval.benchmarks.common import (
     require_fields,
     summarize,
 )
+
+if TYPE_CHECKING:
+    from ponderttt.eval.execution import ExecutionResult
 
 __all__ = [
     "GSM8K_STOPS",
@@ -106,12 +110,15 @@ def gsm8k_flexible_answer(response: str) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class GSM8KProblem:
+    """One grade-school maths word problem; graded by the number after ``####`` (strict) or the last number."""
+
     task_id: str
     question: str
     answer: str  # worked solution ending in "#### <number>"
 
     @property
     def gold(self) -> str:
+        """The reference number (commas and ``$`` removed); ``ValueError`` if ``answer`` has no ``#### <number>``."""
         gold = gsm8k_strict_answer(self.answer)
         if gold is None:
             raise ValueError(f"GSM8K answer of {self.task_id!r} has no '#### <number>': {self.answer[-80:]!r}")
@@ -124,6 +131,8 @@ class GSM8KProblem:
         return "".join(parts) + f"Question: {self.question}\nAnswer:"
 
     def grade(self, response: str) -> SampleResult:
+        """Passed on the strict match (numeric equality after ``####``); ``details`` holds "strict" and "flexible"
+        (last number) matches; status "correct", "wrong" or "no answer" (no ``####``)."""
         strict, flexible = gsm8k_strict_answer(response), gsm8k_flexible_answer(response)
         details = {"strict": _same_number(strict, self.gold), "flexible": _same_number(flexible, self.gold)}
         status = "correct" if details["strict"] else ("no answer" if strict is None else "wrong")
@@ -131,6 +140,8 @@ class GSM8KProblem:
 
 
 def load_gsm8k(source: str = "openai/gsm8k", *, name: str | None = "main", split: str = "test") -> list[GSM8KProblem]:
+    """GSM8K from the hub id or a local JSON/JSONL file (``question``, ``answer``); task ids are ``task_id`` when
+    present, else the record's position."""
     problems = []
     for index, record in enumerate(load_records(source, split=split, name=name)):
         require_fields(record, ("question", "answer"), "GSM8K")
@@ -146,6 +157,8 @@ _MATH_INSTRUCTION = "Solve the problem. Reason step by step and put the final an
 
 @dataclasses.dataclass(frozen=True)
 class Math500Problem:
+    """One MATH-500 problem; graded by math-verify equivalence of the final answer with ``answer``."""
+
     task_id: str
     problem: str
     answer: str  # LaTeX, without $ or \boxed
@@ -154,6 +167,8 @@ class Math500Problem:
     level: int = 0
 
     def build_prompt(self, shots: Sequence[Math500Problem] = ()) -> str:
+        """An instruction to reason step by step and answer in ``\\boxed{}``, the ``shots`` as Problem/Solution pairs,
+        then this problem; the model writes after the final ``Solution:``."""
         parts = [f"Problem:\n{s.problem}\n\nSolution:\n{s.solution.strip()}\n\n" for s in shots]
         return _MATH_INSTRUCTION + "".join(parts) + f"Problem:\n{self.problem}\n\nSolution:\n"
 
@@ -178,6 +193,8 @@ class Math500Problem:
 
 
 def load_math500(source: str = "HuggingFaceH4/MATH-500", *, split: str = "test") -> list[Math500Problem]:
+    """MATH-500 from the hub id or a local JSON/JSONL file (``problem``, ``answer``; optional ``solution``,
+    ``subject``, ``level``); task ids are ``unique_id`` when present, else the record's position."""
     problems = []
     for index, record in enumerate(load_records(source, split=split)):
         require_fields(record, ("problem", "answer"), "MATH-500")
@@ -218,6 +235,8 @@ def extract_choice(response: str) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class GPQAProblem:
+    """One four-way multiple-choice question; ``choices`` in the (seeded) shuffled order, ``correct_index`` in 0-3."""
+
     task_id: str
     question: str
     choices: tuple[str, str, str, str]
@@ -225,6 +244,7 @@ class GPQAProblem:
 
     @property
     def correct_letter(self) -> str:
+        """The gold letter, "A" to "D"."""
         return _LETTERS[self.correct_index]
 
     @classmethod
@@ -255,6 +275,7 @@ class GPQAProblem:
         )
 
     def grade(self, response: str) -> SampleResult:
+        """Correct iff :func:`extract_choice` finds the gold letter; status "correct", "wrong" or "no answer"."""
         letter = extract_choice(response)
         correct = letter == self.correct_letter
         status = "correct" if correct else ("no answer" if letter is None else "wrong")
@@ -289,6 +310,8 @@ _LCB_RELEASE_FILES = {
 
 @dataclasses.dataclass(frozen=True)
 class LiveCodeBenchTest:
+    """One test case: ``input`` is stdin text, or one JSON argument per line for a functional test."""
+
     input: str
     output: str
     testtype: str  # "stdin" (whole program, compare stdout) or "functional" (call Solution().func_name)
@@ -336,6 +359,9 @@ def _same_output(got: str, want: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class LiveCodeBenchProblem:
+    """One LiveCodeBench code-generation problem with its public (and, if loaded, private) tests; ``func_name`` is
+    the ``Solution`` method functional tests call (LeetCode), None for stdin problems."""
+
     task_id: str
     title: str
     content: str
@@ -389,7 +415,7 @@ class LiveCodeBenchProblem:
                 out.append((_LCB_PRELUDE + code + "\n", test.input))
         return out
 
-    def judge(self, code: str, results: Sequence) -> SampleResult:
+    def judge(self, code: str, results: Sequence[ExecutionResult]) -> SampleResult:
         """Passes only if every test does (stdin tests compare stdout, whitespace- and float-tolerant)."""
         if not code.strip():
             return SampleResult(False, "error", "no code block in the response", code)
@@ -456,7 +482,7 @@ def evaluate_livecodebench(
     timeout_s: float = 6.0,
     memory_mb: int = 1024,
     max_workers: int | None = None,
-    **sandbox,
+    **sandbox: Any,
 ) -> BenchmarkResult:
     """Run every test of every generation in the sandbox (in parallel) and report pass@k per problem."""
     from ponderttt.eval.execution import run_programs
