@@ -141,36 +141,54 @@ def test_scoring_canonical_solutions_pass_and_wrong_ones_fail(bench_dir, monkeyp
 # ------------------------------------------------------------------------------------------------- generation
 
 
-def context(index, tokens, probe):
+def context(index, tokens, probe, active=None):
     from ponderttt.models.generate import GateContext
 
-    return GateContext(index, np.asarray(tokens), None, np.asarray(probe, np.float32), None)
+    active = None if active is None else np.asarray(active, bool)
+    return GateContext(index, np.asarray(tokens), None, np.asarray(probe, np.float32), None, active=active)
 
 
 def test_gate_runner_counts_live_sequences_only():
-    """Filler rows and rows past a stop (a stop token, or a stop string spanning tokens) get λ = 0, uncounted."""
-    from ponderttt.train.evaluate import GateRunner
+    """Filler rows and rows that generation reports stopped (`active`) get λ = 0 and are not counted."""
+    from ponderttt.train.evaluate import gate_runner
 
-    alphabet = ["a", "\n", "d", "e", "f", "<eos>"]
-    runner = GateRunner("update_1", budget=1.0)
-    decode = lambda ids: "".join(alphabet[i] for i in ids)
-    runner.start_batch(np.array([True, True, False]), ((5,),), ("\ndef",), decode)
+    runner = gate_runner("update_1", budget=1.0)
+    runner.start_batch(np.array([True, True, False]))
     assert runner(context(-1, [[0], [0], [0]], [1, 1, 1])).tolist() == [1, 1, 0]  # the prompt chunk
-    assert runner(context(0, [[0, 1, 2, 3], [0, 5, 0, 0], [0] * 4], [1, 1, 1])).tolist() == [1, 0, 0]
-    assert runner(context(1, [[4, 0, 0, 0], [0] * 4, [0] * 4], [1, 1, 1])).tolist() == [0, 0, 0]  # "a\nde" + "f"
+    assert runner(context(0, [[0] * 4] * 3, [1, 1, 1], active=[True, False, True])).tolist() == [1, 0, 0]
+    assert runner(context(1, [[0] * 4] * 3, [1, 1, 1], active=[False, False, True])).tolist() == [0, 0, 0]
     assert (runner.decisions, runner.updates, runner.update_rate) == (3, 3, 1.0)
-    assert [r["live_tokens"] for r in runner.rows] == [5, 2, 0] and [r["decisions"] for r in runner.rows] == [2, 1, 0]
+    assert [r["decisions"] for r in runner.rows] == [2, 1, 0] and [r["updates"] for r in runner.rows] == [2, 1, 0]
+    skip = gate_runner("skip", budget=0.5)
+    skip.start_batch(np.array([True, True]))
+    assert skip(context(-1, [[0], [0]], [9, 9])).tolist() == [0, 0] and skip.update_rate == 0.0
+    with pytest.raises(ValueError, match="unknown generation gate 'ppo'"):
+        gate_runner("ppo", budget=0.5)
 
 
 def test_recon_runner_updates_above_the_calibrated_threshold():
-    from ponderttt.train.evaluate import GateRunner
+    from ponderttt.train.evaluate import gate_runner
 
-    runner = GateRunner("recon", budget=0.5, calibration_signal=np.array([0.0, 1.0, 2.0, 3.0]))
-    runner.start_batch(np.array([True, True, True]), ())
+    runner = gate_runner("recon", budget=0.5, calibration_signal=np.array([0.0, 1.0, 2.0, 3.0]))
+    runner.start_batch(np.array([True, True, True]))
     assert runner(context(-1, [[0]] * 3, [0.5, 2.5, 1.4])).tolist() == [0, 1, 0]  # τ starts at the median 1.5
     assert runner.update_rate == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="calibration_signal"):
-        GateRunner("recon", budget=0.5)
+        gate_runner("recon", budget=0.5)
+
+
+class RecordingGate:
+    """A gate that records the signals it is shown and defers to another."""
+
+    def __init__(self, gate):
+        self.gate, self.kind, self.causal, self.seen = gate, gate.kind, gate.causal, []
+
+    def init_state(self, batch_size):
+        return self.gate.init_state(batch_size)
+
+    def __call__(self, inputs, state, key=None, *, train=False):
+        self.seen.append(np.asarray(inputs.signal))
+        return self.gate(inputs, state, key, train=train)
 
 
 def greedy_without_updates(model, ids, steps):
@@ -194,21 +212,21 @@ def greedy_without_updates(model, ids, steps):
 @pytest.mark.slow
 def test_gates_during_generation(tiny, bench_dir):
     from ponderttt.models.generate import GenerationConfig, generate
-    from ponderttt.train.evaluate import GateRunner, generate_completions, load_task, padded_length
+    from ponderttt.train.evaluate import gate_runner, generate_completions, load_task, padded_length
 
     tok, model, _ = tiny
     prompts = load_task("humaneval", bench_dir).prompts
     kwargs = dict(chunk_size=DATA.chunk_size, max_new_tokens=24, batch_size=2)
     runs = {}
     for method in ("skip", "update_1"):
-        runner = GateRunner(method, budget=0.5)
+        runner = gate_runner(method, budget=0.5)
         runs[method] = (runner, generate_completions(model, tok, prompts, runner, **kwargs))
     skip, update = runs["skip"], runs["update_1"]
     assert skip[0].update_rate == 0.0 and update[0].update_rate == 1.0
     for runner, completions in runs.values():
         # one decision per live sequence and chunk: the prompt, then each full generated chunk before its stop
         for c in completions:
-            assert c.decisions == 1 + (c.live_tokens - 1) // DATA.chunk_size and c.live_tokens <= c.tokens <= 24
+            assert c.decisions == 1 + (c.tokens - 1) // DATA.chunk_size and 1 <= c.tokens <= 24
         assert runner.decisions == sum(c.decisions for c in completions)
     # λ = 0 keeps the fast weights: the same tokens as decoding (unpadded, alone) with an adapter that never updates
     reference = greedy_without_updates(model, tok.encode(prompts[0]), skip[1][0].tokens)
@@ -227,17 +245,16 @@ def test_gates_during_generation(tiny, bench_dir):
 
 
 def test_recon_gate_tracks_its_budget(tiny, bench_dir):
-    from ponderttt.train.evaluate import GateRunner, generate_completions, load_task
+    from ponderttt.gating import make_gate
+    from ponderttt.gating.generation import GenerationGate
+    from ponderttt.train.evaluate import gate_runner, generate_completions, load_task
 
     tok, model, _ = tiny
     prompts = load_task("humaneval", bench_dir).prompts * 4
-    probe = GateRunner("update_1", budget=1.0)
-    seen = []
-    original = probe._decide
-    probe._decide = lambda signal: (seen.append(signal.copy()), original(signal))[1]
-    generate_completions(model, tok, prompts[:4], probe, chunk_size=DATA.chunk_size, max_new_tokens=24,
-                         batch_size=2)
-    runner = GateRunner("recon", budget=0.5, calibration_signal=np.concatenate(seen))
+    recording = RecordingGate(make_gate("fixed:update_1"))
+    generate_completions(model, tok, prompts[:4], GenerationGate(recording), chunk_size=DATA.chunk_size,
+                         max_new_tokens=24, batch_size=2)
+    runner = gate_runner("recon", budget=0.5, calibration_signal=np.concatenate(recording.seen))
     completions = generate_completions(model, tok, prompts, runner, chunk_size=DATA.chunk_size, max_new_tokens=24,
                                        batch_size=2)
     assert runner.decisions >= 30
@@ -245,7 +262,7 @@ def test_recon_gate_tracks_its_budget(tiny, bench_dir):
     assert abs(runner.update_rate - 0.5) <= 0.15, runner.update_rate
     assert runner.updates == sum(c.updates for c in completions)
     # random: seeded Bernoulli(budget) per live sequence and chunk, within 3 standard deviations of the budget
-    runner = GateRunner("random", budget=0.25, seed=0)
+    runner = gate_runner("random", budget=0.25, seed=0)
     generate_completions(model, tok, prompts, runner, chunk_size=DATA.chunk_size, max_new_tokens=24, batch_size=2)
     assert abs(runner.update_rate - 0.25) <= 3 * (0.25 * 0.75 / runner.decisions) ** 0.5, runner.update_rate
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,6 +60,39 @@ def test_stop_sequences_and_eos_end_rows_independently(hf_data):
         np.testing.assert_array_equal(res.tokens[1], free.tokens[1])
     eos = generate(model, ids, mask, GenerationConfig(max_new_tokens=NEW, eos_token_id=int(free.tokens[1, 0])))
     assert eos.lengths[1] == 1
+
+
+def test_stop_strings_end_rows_and_the_gate_sees_only_live_rows(hf_data):
+    """A stop string may span tokens: a row ends at the token that completes it; from the next chunk on the gate's
+    context marks the row inactive and its λ is 0 whatever the gate returns."""
+    backbone = load_hf_causal_lm(hf_data.dir("gpt2_tiny"))
+    ids, mask = _prompt(hf_data, "gpt2_tiny")
+    sampled = GenerationConfig(max_new_tokens=NEW, temperature=1.0, seed=3)  # greedy repeats one token here
+    free = generate(backbone, ids, mask, sampled)
+    decode = lambda tokens: "".join(f"<{t}>" for t in tokens)
+    # the end of token i and the start of token i + 1 of row 0, for the latest i whose string row 1 lacks
+    stop = next(s for i in (4, 3, 2, 1) if (s := f"{free.tokens[0, i]}><{free.tokens[0, i + 1]}")
+                not in decode(free.tokens[1].tolist()))
+    ends = [next((n for n in range(1, NEW + 1) if stop in decode(row[:n].tolist())), NEW) for row in free.tokens]
+    assert 2 <= ends[0] < NEW and ends[1] == NEW
+    with pytest.raises(ValueError, match="stop_strings needs generate"):
+        generate(backbone, ids, mask, dataclasses.replace(sampled, stop_strings=(stop,)))
+    cfg = dataclasses.replace(sampled, stop_strings=(stop,), pad_token_id=-1)
+    model = load_hf_causal_lm(hf_data.dir("gpt2_tiny"), ttt=TTTConfig.tiny(hidden_size=30, num_heads=3,
+                                                                           mini_batch_size=2, chunk_size=2))
+    seen = []
+
+    def gate(ctx):
+        seen.append(ctx.active.copy())
+        return np.ones(2, np.float32)
+
+    res = generate(model, ids, mask, cfg, gate=gate, decode=decode)
+    assert res.lengths.tolist() == ends and (res.tokens[0, ends[0]:] == -1).all()
+    np.testing.assert_array_equal(res.tokens[0, : ends[0]], free.tokens[0, : ends[0]])
+    assert seen[0].tolist() == [True, True] and len(seen) == 1 + (NEW - 1) // 2
+    for active, lam in zip(seen, res.gate_scales, strict=True):
+        assert lam.tolist() == active.astype(np.float32).tolist()
+    assert not seen[-1][0]  # row 0 stopped before the last decision
 
 
 def test_sampling_rules():

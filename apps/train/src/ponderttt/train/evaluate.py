@@ -15,7 +15,8 @@ probe loss and returns λ per sequence (λ = 0: the fast weights stay as they ar
 * `random`: update with probability budget (seeded Bernoulli per sequence and chunk).
 
 The realised update rate counts the decisions of sequences still generating: a sequence that has stopped
-(a stop sequence or end-of-text) and the filler rows of a short last batch get λ = 0 and are not counted.
+(a stop sequence, a stop string or end-of-text: generation ends the row there) and the filler rows of a short
+last batch get λ = 0 and are not counted (`ponderttt.gating.generation.GenerationGate`).
 
 Benchmarks come from local files in --evaluate.benchmark-dir: `<name>.jsonl` (or `<name>.json`) with the
 hub data set's fields, and optionally `<name>.shots.jsonl` with few-shot examples (MBPP, GSM8K, MATH-500,
@@ -35,7 +36,7 @@ import json
 import os
 import pathlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,7 @@ import numpy as np
 from ponderttt.eval.benchmarks import tasks
 from ponderttt.eval.benchmarks.tasks import Task, score
 from ponderttt.eval.stats import mean_ci, paired_difference_ci
+from ponderttt.gating import GenerationGate, make_gate
 from ponderttt.train import corpus
 from ponderttt.train.config import ConfigError, EvaluateConfig, to_dict
 from ponderttt.train.distributed import say
@@ -93,104 +95,24 @@ def require_code_consent(names: Sequence[str]) -> None:
 # ----------------------------------------------------------------------------------------------- gates
 
 
-class GateRunner:
-    """The gate callback of `generate` for one TTT mode; keeps its state (thresholds, RNG) across batches and
-    counts the decisions of sequences still generating."""
-
-    def __init__(self, method: str, *, budget: float, calibration_signal: np.ndarray | None = None,
-                 seed: int = 0) -> None:
-        from ponderttt.gating import make_gate
-
-        self.method = method
-        self.budget = budget if method in BUDGETED_GATES else None
-        self.gate = None
-        if method == "recon" and budget < 1.0:
-            if calibration_signal is None:
-                raise ValueError("the recon gate needs calibration_signal (validation-split probe losses)")
-            self.gate = make_gate("recon", target_rate=budget, calibration_signal=np.asarray(calibration_signal))
-        elif method == "random" and budget < 1.0:
-            self.gate = make_gate("random", rate=budget)
-        elif method not in ("skip", "update_1", "recon", "random"):
-            raise ValueError(f"unknown generation gate {method!r}")
-        self.state = None if self.gate is None else self.gate.init_state(1)
-        self.seed = seed
-        self.calls = 0
-        self.decisions = 0
-        self.updates = 0
-        self.stops: tuple[tuple[int, ...], ...] = ()
-        self.stop_strings: tuple[str, ...] = ()
-        self.decode: Callable[[list[int]], str] | None = None
-        self.active = np.zeros(0, bool)
-        self.generated: list[list[int]] = []
-        self.rows: list[dict[str, int]] = []
-
-    @property
-    def update_rate(self) -> float | None:
-        return self.updates / self.decisions if self.decisions else None
-
-    def start_batch(self, real_rows: np.ndarray, stops: tuple[tuple[int, ...], ...], stop_strings: Sequence[str] = (),
-                    decode: Callable[[list[int]], str] | None = None) -> None:
-        """A new batch: `real_rows` [B] False for filler rows; `stops` the token stop sequences (eos included);
-        `stop_strings` end a completion too (found in the `decode`d text: the string may span several tokens,
-        or be tokenized differently than on its own)."""
-        self.active = np.asarray(real_rows, bool).copy()
-        self.stops = stops
-        self.stop_strings = tuple(x for x in stop_strings if x)
-        self.decode = decode
-        self.generated = [[] for _ in range(len(self.active))]
-        self.rows = [{"decisions": 0, "updates": 0, "live_tokens": 0} for _ in range(len(self.active))]
-
-    def _stopped(self, seq: list[int]) -> bool:
-        if any(len(seq) >= len(s) and tuple(seq[-len(s):]) == s for s in self.stops):
-            return True
-        if self.stop_strings and self.decode is not None:
-            # a stop string ending at this token lies within its last len(stop) + 1 tokens (a token is >= 1 byte)
-            tail = self.decode(seq[-(max(map(len, self.stop_strings)) + 1):])
-            return any(x in tail for x in self.stop_strings)
-        return False
-
-    def _advance(self, tokens: np.ndarray) -> None:
-        """Follows each row through a generated chunk and retires the rows whose completion ended in it."""
-        for row in np.flatnonzero(self.active):
-            seq = self.generated[row]
-            for token in tokens[row]:
-                seq.append(int(token))
-                if self._stopped(seq):
-                    self.active[row] = False
-                    self.rows[row]["live_tokens"] = len(seq)
-                    break
-
-    def __call__(self, context: Any) -> np.ndarray:
-        if context.chunk_index >= 0:
-            self._advance(np.asarray(context.tokens))
-        b = len(self.active)
-        lam = np.zeros(b, np.float32)
-        rows = np.flatnonzero(self.active)
-        if rows.size:
-            lam[rows] = self._decide(np.asarray(context.probe_loss, np.float32)[rows])
-        self.decisions += int(rows.size)
-        self.updates += int((lam[rows] > 0).sum())
-        for row in rows:
-            self.rows[row]["decisions"] += 1
-            self.rows[row]["updates"] += int(lam[row] > 0)
-        self.calls += 1
-        return lam
-
-    def _decide(self, signal: np.ndarray) -> np.ndarray:
-        if self.method == "skip":
-            return np.zeros(signal.shape, np.float32)
-        if self.gate is None:  # update_1, or a budget of 1
-            return np.ones(signal.shape, np.float32)
-        import jax
-        import jax.numpy as jnp
-
-        from ponderttt.gating import GateInput
-
-        inputs = GateInput(features=jnp.zeros((signal.size, 1), jnp.float32), signal=jnp.asarray(signal))
-        key = jax.random.fold_in(jax.random.key(self.seed), self.calls)
-        out = self.gate(inputs, self.state, key)
-        self.state = out.state
-        return np.asarray(out.scale, np.float32).reshape(signal.shape)
+def gate_runner(method: str, *, budget: float, calibration_signal: np.ndarray | None = None,
+                seed: int = 0) -> GenerationGate:
+    """The gate of a `--evaluate.gates` method as generation's gate callback (`ponderttt.gating.generation`):
+    skip (λ = 0), update_1 (λ = 1), recon (calibrated threshold at `budget`) or random (rate `budget`); a budget
+    of 1 updates everywhere."""
+    if method == "skip":
+        gate = make_gate("fixed:skip")
+    elif method == "update_1" or (method in BUDGETED_GATES and budget >= 1.0):
+        gate = make_gate("fixed:update_1")
+    elif method == "recon":
+        if calibration_signal is None:
+            raise ValueError("the recon gate needs calibration_signal (validation-split probe losses)")
+        gate = make_gate("recon", target_rate=budget, calibration_signal=np.asarray(calibration_signal))
+    elif method == "random":
+        gate = make_gate("random", rate=budget)
+    else:
+        raise ValueError(f"unknown generation gate {method!r}")
+    return GenerationGate(gate, seed=seed)
 
 
 # ----------------------------------------------------------------------------------------------- generation
@@ -198,13 +120,12 @@ class GateRunner:
 
 @dataclasses.dataclass(frozen=True)
 class Completion:
-    """One problem's generation: text (up to end-of-text; stop strings are cut when scoring), generated tokens,
-    live tokens (those before the completion ended at a stop, token- or text-level, as the gate saw it), prompt
-    truncation, and the gate's decisions for it."""
+    """One problem's generation: text (up to end-of-text; stop strings are cut when scoring), generated tokens
+    (up to and including the stop, token- or text-level, where generation ended), prompt truncation, and the
+    gate's decisions for it."""
 
     text: str
     tokens: int
-    live_tokens: int
     prompt_tokens: int
     truncated: bool
     decisions: int
@@ -245,7 +166,7 @@ def stop_token_sequences(tok: Any, stops: Sequence[str]) -> tuple[tuple[int, ...
     return tuple(sequences)
 
 
-def generate_completions(model: Any, tok: Any, prompts: Sequence[str], runner: GateRunner, *, chunk_size: int,
+def generate_completions(model: Any, tok: Any, prompts: Sequence[str], runner: GenerationGate, *, chunk_size: int,
                          max_new_tokens: int, stops: Sequence[str] = (), batch_size: int = 8,
                          temperature: float = 0.0, seed: int = 0, progress: Any = None,
                          timings: list[tuple[float, int]] | None = None) -> list[Completion]:
@@ -261,7 +182,7 @@ def generate_completions(model: Any, tok: Any, prompts: Sequence[str], runner: G
     limit = prompt_limit(model, max_new_tokens, mini_batch)
     token_stops = stop_token_sequences(tok, stops)
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, stop_sequences=token_stops,
-                              eos_token_id=tok.eod_id, pad_token_id=tok.pad_id, seed=seed)
+                              eos_token_id=tok.eod_id, pad_token_id=tok.pad_id, seed=seed, stop_strings=tuple(stops))
     encoded = tok.encode_batch(list(prompts))
     length = padded_length(max(min(len(e), limit) for e in encoded), chunk_size, limit)
     out: list[Completion] = []
@@ -276,16 +197,15 @@ def generate_completions(model: Any, tok: Any, prompts: Sequence[str], runner: G
         for row, x in enumerate(ids):
             batch[row, length - len(x):] = x
             mask[row, length - len(x):] = 1
-        runner.start_batch(np.arange(rows) < real, config.stops, stops, tok.decode)
+        runner.start_batch(np.arange(rows) < real)
         started = time.perf_counter()
         result = generate(model, batch, mask, dataclasses.replace(config, seed=seed + start), gate=runner,
-                          ttt_chunk_size=chunk_size)
+                          ttt_chunk_size=chunk_size, decode=tok.decode)
         for row in range(real):
             generated = [int(t) for t in result.tokens[row, :result.lengths[row]]]
             if tok.eod_id in generated:
                 generated = generated[:generated.index(tok.eod_id)]
-            live = runner.rows[row]["live_tokens"] or int(result.lengths[row])
-            out.append(Completion(text=tok.decode(generated), tokens=int(result.lengths[row]), live_tokens=live,
+            out.append(Completion(text=tok.decode(generated), tokens=int(result.lengths[row]),
                                   prompt_tokens=len(ids[row]), truncated=truncated[row],
                                   decisions=runner.rows[row]["decisions"], updates=runner.rows[row]["updates"]))
         if timings is not None:
@@ -310,16 +230,17 @@ def calibration_signal(config: Any, tok: Any, model: Any, mesh: Any) -> np.ndarr
 # ----------------------------------------------------------------------------------------------- the stage
 
 
-def evaluate_task(model: Any, tok: Any, task: Task, runner: GateRunner, *, evaluate: EvaluateConfig,
-                  chunk_size: int, seed: int = 0, progress: bool = False, n_resamples: int = N_RESAMPLES
-                  ) -> tuple[dict[str, Any], list[dict]]:
-    """Generates and grades one benchmark under one gate: (its record, one sample dict per problem).
+def evaluate_task(model: Any, tok: Any, task: Task, method: str, runner: GenerationGate, *,
+                  evaluate: EvaluateConfig, chunk_size: int, seed: int = 0, progress: bool = False,
+                  n_resamples: int = N_RESAMPLES) -> tuple[dict[str, Any], list[dict]]:
+    """Generates and grades one benchmark under one gate (`method`, run by `runner`): (its record, one sample
+    dict per problem).
 
     The record's `value` is the mean pass rate over problems (one greedy sample each: pass@1 / accuracy) with a
     95% bootstrap CI over problems; `tokens_per_s` leaves out the first batch (compilation)."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(task.prompts), desc=f"evaluate {task.name} / {runner.method}", unit="problem",
+    bar = tqdm(total=len(task.prompts), desc=f"evaluate {task.name} / {method}", unit="problem",
                disable=not progress, leave=False)
     started = time.perf_counter()
     timings: list[tuple[float, int]] = []
@@ -341,7 +262,8 @@ def evaluate_task(model: Any, tok: Any, task: Task, runner: GateRunner, *, evalu
     passed = np.asarray([p.num_correct for p in result.problems], np.float64)  # one greedy sample per problem
     ci = mean_ci(passed, n_resamples=n_resamples, seed=seed)  # over problems
     record = {
-        "benchmark": task.name, "gate": runner.method, "budget": runner.budget, "metric": task.spec.metric,
+        "benchmark": task.name, "gate": method, "metric": task.spec.metric,
+        "budget": evaluate.budget if method in BUDGETED_GATES else None,
         "value": float(result.pass_at_k[1]), "ci": [ci.low, ci.high], "ci_method": ci.method,
         "n_problems": len(task.problems), "n_passed": int(passed.sum()),
         "update_rate": runner.update_rate, "decisions": runner.decisions, "updates": runner.updates,
@@ -353,7 +275,7 @@ def evaluate_task(model: Any, tok: Any, task: Task, runner: GateRunner, *, evalu
     samples = []
     for problem, completion, graded in zip(task.problems, completions, result.problems, strict=True):
         sample = graded.samples[0]
-        samples.append({"benchmark": task.name, "gate": runner.method, "task_id": problem.task_id,
+        samples.append({"benchmark": task.name, "gate": method, "task_id": problem.task_id,
                         "completion": completion.text, "passed": bool(sample.passed), "status": sample.status,
                         "reason": sample.reason, "generated_tokens": completion.tokens,
                         "prompt_tokens": completion.prompt_tokens, "prompt_truncated": completion.truncated,
@@ -388,8 +310,8 @@ def run_evaluate(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, 
     for task in tasks:  # the model's parameters carry their shardings; `generate` needs no mesh context
         passed: dict[str, np.ndarray] = {}
         for method in sorted(ev.gates, key=lambda g: g != "skip"):  # skip first: the others are paired with it
-            runner = GateRunner(method, budget=ev.budget, calibration_signal=calibration, seed=config.run.seed)
-            record, task_samples = evaluate_task(model, tok, task, runner, evaluate=ev, chunk_size=chunk_size,
+            runner = gate_runner(method, budget=ev.budget, calibration_signal=calibration, seed=config.run.seed)
+            record, task_samples = evaluate_task(model, tok, task, method, runner, evaluate=ev, chunk_size=chunk_size,
                                                  seed=config.run.seed, progress=progress)
             passed[method] = np.asarray([sample["passed"] for sample in task_samples], np.float64)
             if method != "skip" and "skip" in passed:

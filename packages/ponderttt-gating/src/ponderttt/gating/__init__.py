@@ -55,6 +55,7 @@ from ponderttt.gating.features import (
     init_feature_state,
     reset_sequences,
 )
+from ponderttt.gating.generation import GenerationGate
 from ponderttt.gating.gumbel import (
     GumbelConfig,
     GumbelGate,
@@ -98,6 +99,7 @@ __all__ = [
     "FixedGate",
     "Gate",
     "GateInput",
+    "GenerationGate",
     "GateOutput",
     "GumbelConfig",
     "GumbelGate",

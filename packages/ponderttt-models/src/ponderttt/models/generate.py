@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -28,7 +28,9 @@ from ponderttt.models.model import CausalLM
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
     """max_new_tokens; temperature 0 = greedy; top_p < 1 = nucleus sampling; stop_sequences of token ids
-    (eos_token_id counts as one); pad_token_id fills rows after they stop; seed for sampling."""
+    (eos_token_id counts as one); stop_strings end a row when its decoded text contains one (a string may span
+    several tokens or be tokenized differently on its own; needs `generate(..., decode=)`); pad_token_id fills
+    rows after they stop; seed for sampling."""
 
     max_new_tokens: int = 32
     temperature: float = 0.0
@@ -37,6 +39,7 @@ class GenerationConfig:
     eos_token_id: int | None = None
     pad_token_id: int = 0
     seed: int = 0
+    stop_strings: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -48,9 +51,11 @@ class GenerationConfig:
         object.__setattr__(self, "stop_sequences", tuple(tuple(int(t) for t in s) for s in self.stop_sequences))
         if any(len(s) == 0 for s in self.stop_sequences):
             raise ValueError("stop_sequences may not contain an empty sequence")
+        object.__setattr__(self, "stop_strings", tuple(x for x in self.stop_strings if x))
 
     @property
     def stops(self) -> tuple[tuple[int, ...], ...]:
+        """The token stop sequences, eos included."""
         extra = () if self.eos_token_id is None else ((int(self.eos_token_id),),)
         return self.stop_sequences + extra
 
@@ -59,7 +64,9 @@ class GenerationConfig:
 class GateContext:
     """What a gate may see before deciding λ for a chunk: chunk_index (-1 = prompt), tokens [B, n] (host),
     features [B, n, C] (head inputs: the final norm's output), probe_loss [B] (reconstruction loss without
-    update, the mean over adapter sites), state (fast weights, {site: state}), probe_losses {site: [B]}."""
+    update, the mean over adapter sites), state (fast weights, {site: state}), probe_losses {site: [B]}, active [B]
+    (rows still generating when the decision is made: a row that stopped gets no update whatever λ says; None:
+    every row)."""
 
     chunk_index: int
     tokens: np.ndarray
@@ -67,6 +74,7 @@ class GateContext:
     probe_loss: np.ndarray
     state: FastState
     probe_losses: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    active: np.ndarray | None = None
 
 
 GateFn = Callable[[GateContext], Any]
@@ -154,8 +162,15 @@ def _passes(graphdef) -> _Passes:
     return _Passes(graphdef)
 
 
-def _stopped(generated: list[list[int]], stops: Sequence[tuple[int, ...]]) -> bool:
-    return any(len(generated) >= len(s) and tuple(generated[-len(s) :]) == s for s in stops)
+def _stopped(generated: list[int], config: GenerationConfig, decode: Callable[[list[int]], str] | None) -> bool:
+    """Whether a row's generated tokens end in a stop sequence, or its text now holds a stop string."""
+    if any(len(generated) >= len(s) and tuple(generated[-len(s) :]) == s for s in config.stops):
+        return True
+    if config.stop_strings and decode is not None:
+        # a stop string ending at this token lies within the last len(stop) + 1 tokens (a token is >= 1 byte)
+        tail = decode(generated[-(max(map(len, config.stop_strings)) + 1) :])
+        return any(x in tail for x in config.stop_strings)
+    return False
 
 
 def _backbone(model: CausalLM | AdaptedLM) -> CausalLM:
@@ -173,6 +188,7 @@ def generate(
     ttt_chunk_size: int | None = None,
     use_ttt: bool = True,
     return_logits: bool = False,
+    decode: Callable[[list[int]], str] | None = None,
 ) -> GenerationResult:
     """Generates up to `config.max_new_tokens` tokens after each row of the (left-padded) prompt batch.
 
@@ -180,9 +196,11 @@ def generate(
     With fast-weight adapters (head and/or blocks): gate(GateContext) -> λ [B] (or scalar) per chunk, default
     λ = 1 everywhere; ttt_state: fast weights to start from ({site: state}; a missing site or None: the learned
     initial weights); rows with left padding start fresh at their first real token;
-    use_ttt=False decodes with the backbone alone.
+    use_ttt=False decodes with the backbone alone; decode(tokens) -> text, needed by `config.stop_strings`.
     """
     config = GenerationConfig() if config is None else config
+    if config.stop_strings and decode is None:
+        raise ValueError("GenerationConfig.stop_strings needs generate(..., decode=tokens -> text)")
     ids = np.asarray(input_ids, np.int32)
     if ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, prompt_len], got shape {ids.shape}")
@@ -218,7 +236,7 @@ def generate(
         lam = np.ones((b,), np.float32)
         if gate is not None:
             probe = run.prompt(params, ids_d, mask_d, None, states, jnp.zeros((b,)), reset_d, prompt_chunk)
-            lam = _ask(gate, model, -1, ids, probe.head_features, probe.ttt_stats, states)
+            lam = _ask(gate, model, -1, ids, probe.head_features, probe.ttt_stats, states, np.ones(b, bool))
         scales.append(lam)
         out = run.prompt(params, ids_d, mask_d, cache, states, jnp.asarray(lam), reset_d, prompt_chunk)
         states = out.ttt_state
@@ -242,7 +260,7 @@ def generate(
             if not done[row]:
                 generated[row].append(int(host[row]))
                 out_tokens[row, step] = host[row]
-                done[row] = _stopped(generated[row], config.stops)
+                done[row] = _stopped(generated[row], config, decode)
         if done.all() or step == config.max_new_tokens - 1:
             break
         logits, token, cache, decode_states, inputs, features, rng = run.step(
@@ -259,7 +277,7 @@ def generate(
                 if gate is not None:
                     probe = run.sites(params, seen, states, jnp.zeros((b,)), chunk)
                     tokens, features = np.stack(chunk_tokens, 1), jnp.stack(chunk_features, axis=1)
-                    lam = _ask(gate, model, len(scales) - 1, tokens, features, probe, states)
+                    lam = _ask(gate, model, len(scales) - 1, tokens, features, probe, states, ~done)
                 scales.append(lam)
                 states = {
                     site: stats.state
@@ -280,9 +298,9 @@ def generate(
 
 
 def _ask(gate: GateFn, model: AdaptedLM, index: int, tokens: np.ndarray, features: jax.Array,
-         stats: dict[str, Any], states: FastState) -> np.ndarray:
-    """The gate's λ [B] for a chunk, from its GateContext: the chunk's tokens and head features, and the
-    no-update stats of every site."""
+         stats: dict[str, Any], states: FastState, active: np.ndarray) -> np.ndarray:
+    """The gate's λ [B] for a chunk, from its GateContext: the chunk's tokens and head features, the no-update
+    stats of every site and the rows still generating (a stopped row's λ is set to 0)."""
     tokens = np.asarray(tokens)
     batch = tokens.shape[0]
     losses = {site: np.asarray(stats[site].chunk_loss_step0[:, 0]) for site in model.sites}
@@ -293,8 +311,9 @@ def _ask(gate: GateFn, model: AdaptedLM, index: int, tokens: np.ndarray, feature
         probe_loss=np.mean(np.stack(list(losses.values())), axis=0),
         state=states,
         probe_losses=losses,
+        active=active.copy(),
     )
     lam = np.broadcast_to(np.asarray(gate(context), np.float32), (batch,)).copy()
     if not np.isfinite(lam).all() or (lam < 0).any():
         raise ValueError(f"gate returned λ={lam}; expected finite values >= 0 per sequence")
-    return lam
+    return np.where(active, lam, np.float32(0.0))
