@@ -43,7 +43,7 @@ def test_gpt2_125m_matches_kaplan_estimate():
 
 def test_ttt_linear_inner_step_count():
     bb = BackboneSpec(num_layers=2, hidden_size=64, num_heads=4, vocab_size=100, seq_len=32, chunk_size=16)
-    ad = AdapterSpec.for_backbone(bb, "ttt_linear", mini_batch_size=4)
+    ad = AdapterSpec.for_backbone(bb, "linear", mini_batch_size=4)
     d, h, b, tokens = 16, 4, 4, 16
     skip = action_flops(bb, ad, "skip")
     up1 = action_flops(bb, ad, "update_1")
@@ -60,23 +60,23 @@ def test_ttt_linear_inner_step_count():
 
 def test_ttt_mlp_and_lora_shapes_and_probe():
     bb = BackboneSpec.gpt2_125m()
-    mlp = AdapterSpec.for_backbone(bb, "ttt_mlp")
+    mlp = AdapterSpec.for_backbone(bb, "mlp")
     assert mlp.inner_shapes() == [(64, 256), (256, 64)]
-    lora = AdapterSpec.for_backbone(bb, "lora_ttt", inner_dim=8)
+    lora = AdapterSpec.for_backbone(bb, "lora", inner_dim=8)
     assert lora.inner_shapes() == [(768, 8), (8, 768)] and lora.resolved_projections == 0
-    probed = AdapterSpec.for_backbone(bb, "ttt_linear", probe=True, gate_flops_per_chunk=1000.0)
-    plain = AdapterSpec.for_backbone(bb, "ttt_linear")
+    probed = AdapterSpec.for_backbone(bb, "linear", probe=True, gate_flops_per_chunk=1000.0)
+    plain = AdapterSpec.for_backbone(bb, "linear")
     diff = action_flops(bb, probed, "skip").total - action_flops(bb, plain, "skip").total
     assert diff == 12 * 2 * 64 * 64 * 512 + 1000.0
     with pytest.raises(ValueError, match="num_heads must be 1"):
-        AdapterSpec(kind="lora_ttt", width=768, num_heads=2, inner_dim=8)
+        AdapterSpec(kind="lora", width=768, num_heads=2, inner_dim=8)
     with pytest.raises(ValueError, match="adapter width 64"):
-        action_flops(bb, AdapterSpec(kind="ttt_linear", width=64, num_heads=1, inner_dim=64), "skip")
+        action_flops(bb, AdapterSpec(kind="linear", width=64, num_heads=1, inner_dim=64), "skip")
 
 
 @settings(max_examples=30, deadline=None)
 @given(
-    kind=st.sampled_from(["ttt_linear", "ttt_mlp", "lora_ttt"]),
+    kind=st.sampled_from(["linear", "mlp", "lora"]),
     layers=st.integers(1, 4),
     heads=st.sampled_from([1, 2, 4]),
     chunks=st.integers(1, 4),

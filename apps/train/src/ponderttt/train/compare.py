@@ -23,10 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from ponderttt.eval.protocol import ACTION_NAMES, UPDATE_ACTION
 from ponderttt.train.config import FIXED_METHODS, TRAINABLE_GATES
 
-ACTION_NAMES = ("skip", "update_1", "update_2", "update_4")  # gating's action codes 0..3, in order
-UPDATE_ACTION = 1  # the update every gate and the oracle use: UPDATE_1
 # results.json method name -> gating registry spec (learned gates come from their checkpoints instead)
 GATE_SPECS = {
     "skip": "fixed:skip",

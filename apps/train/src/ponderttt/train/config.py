@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import tyro
 
 from ponderttt.eval.benchmarks.tasks import BENCHMARKS
+from ponderttt.eval.protocol import ACTION_NAMES, PROTOCOLS, AdapterKind, ProtocolName
 
 
 class ConfigError(ValueError):
@@ -23,12 +24,11 @@ class ConfigError(ValueError):
 
 
 # Gating methods the pipeline knows, under the names results.json uses.
-FIXED_METHODS = ("skip", "update_1", "update_2", "update_4")
+FIXED_METHODS = ACTION_NAMES  # the fixed gates are the actions (ponderttt.eval.protocol)
 BASELINE_METHODS = ("random", "oracle")
 TRAINING_FREE_GATES = ("recon", "recon_inverted")
 TRAINABLE_GATES = ("gumbel", "continuous", "ppo")
 KNOWN_METHODS = FIXED_METHODS + BASELINE_METHODS + TRAINING_FREE_GATES + TRAINABLE_GATES
-PROTOCOLS = ("reset", "carry")
 PRESET_NAMES = ("smoke", "cpu", "gpu", "tpu-pod")
 DEFAULT_PRESET = "cpu"
 # `reproduce --scales`: scale name -> directory name of the HF checkpoint under --backbone-root.
@@ -224,7 +224,7 @@ class BackboneConfig:
 class AdapterConfig:
     """The TTT adapter, trained with a fixed UPDATE_k: L = L_CE + beta * L_TTT."""
 
-    kind: Literal["linear", "mlp", "lora"] = "linear"
+    kind: AdapterKind = "linear"
     """Fast-weight layer: TTT-Linear, TTT-MLP or LoRA-TTT."""
     num_heads: int = 4
     base_lr: float = 1.0
@@ -235,7 +235,7 @@ class AdapterConfig:
     """Weight of the TTT reconstruction loss in L = L_CE + beta * L_TTT."""
     train_steps: int = 200
     lr: float = 1e-3
-    protocol: Literal["reset", "carry"] = "reset"
+    protocol: ProtocolName = "reset"
     """Fast-weight state across the chunks of a sequence while training."""
 
     def __post_init__(self) -> None:
@@ -280,7 +280,7 @@ class CompareConfig:
     methods: tuple[str, ...] = ("skip", "update_1", "random", "oracle", "recon") + TRAINABLE_GATES
     budgets: tuple[float, ...] = (0.25, 0.5, 0.75)
     """Update budgets (fraction of chunks), each in (0, 1]."""
-    protocols: tuple[Literal["reset", "carry"], ...] = PROTOCOLS
+    protocols: tuple[ProtocolName, ...] = PROTOCOLS
     eval_sequences: int = 64
     """Held-out sequences evaluated (the same ones for every method)."""
     n_resamples: int = 1000

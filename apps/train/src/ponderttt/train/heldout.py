@@ -15,13 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from ponderttt.eval.protocol import ACTION_NAMES, ACTION_STEPS
 from ponderttt.train import distributed
 from ponderttt.train.adapter import BATCH_KEYS, chunk_losses, forward
-from ponderttt.train.compare import ACTION_NAMES, HeldOut
+from ponderttt.train.compare import HeldOut
 from ponderttt.train.config import AdapterConfig, DataConfig
 
-ACTION_PASSES = ((0.0, 1), (1.0, 1), (1.0, 2), (1.0, 4))  # (λ, inner steps) of SKIP, UPDATE_1, UPDATE_2, UPDATE_4
-ADAPTER_KINDS = {"linear": "ttt_linear", "mlp": "ttt_mlp", "lora": "lora_ttt"}
+# (λ, inner steps) of each action: SKIP is the λ = 0 pass (its one step changes nothing), UPDATE_k λ = 1 with k steps
+ACTION_PASSES = tuple((0.0, 1) if k == 0 else (1.0, k) for k in ACTION_STEPS)
 
 
 def cost_table(model_config: Any, data: DataConfig, adapter: AdapterConfig,
@@ -34,10 +35,9 @@ def cost_table(model_config: Any, data: DataConfig, adapter: AdapterConfig,
                         vocab_size=cfg.vocab_size, seq_len=data.seq_len, chunk_size=data.chunk_size,
                         mlp_hidden=cfg.mlp_size, mlp_gated=cfg.gated_mlp, num_kv_heads=cfg.num_kv_heads,
                         head_dim=cfg.head_dim)
-    kind = ADAPTER_KINDS[adapter.kind]
-    overrides = {} if kind == "lora_ttt" else {"num_heads": adapter.num_heads,
-                                               "inner_dim": cfg.hidden_size // adapter.num_heads}
-    return build_cost_table(spec, AdapterSpec.for_backbone(spec, kind, probe=True, **overrides),
+    overrides = {} if adapter.kind == "lora" else {"num_heads": adapter.num_heads,
+                                                   "inner_dim": cfg.hidden_size // adapter.num_heads}
+    return build_cost_table(spec, AdapterSpec.for_backbone(spec, adapter.kind, probe=True, **overrides),
                             wall_clock_s=wall_clock_s)
 
 

@@ -33,8 +33,9 @@ from typing import Any
 
 import numpy as np
 
-ACTION_NAMES = ("skip", "update_1", "update_2", "update_4")
-ADAPTER_KINDS = ("ttt_linear", "ttt_mlp", "lora_ttt")
+from ponderttt.eval import protocol
+from ponderttt.eval.protocol import ACTION_NAMES, ADAPTER_KINDS
+
 COST_UNITS = ("flops", "relative_flops", "published", "wall_clock_s")
 
 _UPDATE_RE = re.compile(r"^update_(\d+)$")
@@ -65,8 +66,8 @@ def action_name(steps: int) -> str:
 
 
 def published_cost(action: str | int) -> float:
-    """The published convention: SKIP costs 1, UPDATE_k costs 1 + 2k."""
-    return 1.0 + 2.0 * action_steps(action)
+    """The published convention (`ponderttt.eval.protocol.published_cost`): SKIP costs 1, UPDATE_k costs 1 + 2k."""
+    return protocol.published_cost(action_steps(action))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,12 +148,13 @@ class BackboneSpec:
 class AdapterSpec:
     """The fast-weight layer, as plain numbers.
 
-    ``kind``: ``ttt_linear`` (per head, inner model d x d), ``ttt_mlp`` (per head, d -> mlp_multiplier·d -> d)
-    or ``lora_ttt`` (one low-rank pair, hidden -> rank -> hidden, so ``num_heads`` is 1 and ``inner_dim`` the
-    rank). ``width`` is the hidden size the adapter reads and writes. ``projections`` is the number of
-    width x (heads·inner_dim) projections around the inner model (Q, K, V, O: 4 for TTT layers, 0 for
-    LoRA-TTT that reuses the backbone's); TTT layers add a width -> heads token learning-rate head.
-    ``num_layers`` adapters are inserted. ``probe``: the gate reads a no-update reconstruction loss first.
+    ``kind`` (one of ``protocol.ADAPTER_KINDS``): ``linear`` (TTT-Linear: per head, inner model d x d), ``mlp``
+    (TTT-MLP: per head, d -> mlp_multiplier·d -> d) or ``lora`` (LoRA-TTT: one low-rank pair, hidden -> rank ->
+    hidden, so ``num_heads`` is 1 and ``inner_dim`` the rank). ``width`` is the hidden size the adapter reads and
+    writes. ``projections`` is the number of width x (heads·inner_dim) projections around the inner model (Q, K,
+    V, O: 4 for TTT layers, 0 for LoRA-TTT that reuses the backbone's); TTT layers add a width -> heads token
+    learning-rate head. ``num_layers`` adapters are inserted. ``probe``: the gate reads a no-update
+    reconstruction loss first.
     """
 
     kind: str
@@ -173,8 +175,8 @@ class AdapterSpec:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
                 raise ValueError(f"AdapterSpec.{field} must be a positive int, got {value!r}")
-        if self.kind == "lora_ttt" and self.num_heads != 1:
-            raise ValueError(f"lora_ttt has one low-rank pair: num_heads must be 1, got {self.num_heads}")
+        if self.kind == "lora" and self.num_heads != 1:
+            raise ValueError(f"lora (LoRA-TTT) has one low-rank pair: num_heads must be 1, got {self.num_heads}")
         if self.projections is not None and self.projections < 0:
             raise ValueError(f"AdapterSpec.projections must be >= 0, got {self.projections}")
         if self.gate_flops_per_chunk < 0:
@@ -185,13 +187,13 @@ class AdapterSpec:
         """``projections``, or the kind's default: 4 (Q, K, V, O) for TTT layers, 0 for LoRA-TTT."""
         if self.projections is not None:
             return self.projections
-        return 0 if self.kind == "lora_ttt" else 4
+        return 0 if self.kind == "lora" else 4
 
     @classmethod
-    def for_backbone(cls, backbone: BackboneSpec, kind: str = "ttt_linear", **overrides: Any) -> AdapterSpec:
+    def for_backbone(cls, backbone: BackboneSpec, kind: str = "linear", **overrides: Any) -> AdapterSpec:
         """An adapter sized like the backbone: TTT heads = backbone heads, inner_dim = hidden / heads;
         LoRA-TTT with rank 16 unless ``inner_dim`` is given."""
-        if kind == "lora_ttt":
+        if kind == "lora":
             base = dict(kind=kind, width=backbone.hidden_size, num_heads=1, inner_dim=16)
         else:
             base = dict(
@@ -206,9 +208,9 @@ class AdapterSpec:
     def inner_shapes(self) -> list[tuple[int, int]]:
         """[(in, out)] of the inner model's matrices, for one head."""
         d = self.inner_dim
-        if self.kind == "ttt_linear":
+        if self.kind == "linear":
             return [(d, d)]
-        if self.kind == "ttt_mlp":
+        if self.kind == "mlp":
             return [(d, self.mlp_multiplier * d), (self.mlp_multiplier * d, d)]
         return [(self.width, d), (d, self.width)]
 
@@ -257,7 +259,7 @@ def _inner_backward_per_token(adapter: AdapterSpec) -> float:
 
 
 def _dual_form_extra_per_token(adapter: AdapterSpec) -> float:
-    if adapter.kind != "ttt_linear":
+    if adapter.kind != "linear":
         return 0.0
     # XQ·XKᵀ, (η⊙M⊙A)·G and (η⊙M)·G: three [b, b] x [b, d]-sized products per mini-batch, 2·b·d per token each.
     return adapter.num_heads * 3 * 2.0 * adapter.mini_batch_size * adapter.inner_dim
@@ -274,7 +276,7 @@ def action_flops(backbone: BackboneSpec, adapter: AdapterSpec, action: str | int
     tokens = backbone.chunk_size
     inner_width = adapter.num_heads * adapter.inner_dim
     outer = adapter.resolved_projections * 2.0 * adapter.width * inner_width
-    if adapter.kind != "lora_ttt":
+    if adapter.kind != "lora":
         outer += 2.0 * adapter.width * adapter.num_heads  # token learning-rate head
     forward = _inner_forward_per_token(adapter)
     backward = _inner_backward_per_token(adapter)

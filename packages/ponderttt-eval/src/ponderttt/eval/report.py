@@ -22,10 +22,10 @@ import numpy as np
 from ponderttt.eval import metrics
 from ponderttt.eval.cost import COST_UNITS, CostTable, chunk_costs
 from ponderttt.eval.pareto import frontier_auc, pareto_frontier
+from ponderttt.eval.protocol import ACTION_NAMES, PROTOCOLS
 from ponderttt.eval.stats import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, bootstrap_ci, compare_paired, iqm_ci, ratio_ci
 
 SCHEMA_VERSION = 1
-PROTOCOLS = ("reset", "carry")
 BUDGET_UNITS = ("update_rate", *COST_UNITS)
 
 # field -> (required, accepted types, meaning). Types: "number", "int", "str", "interval", "dict", "null".
@@ -108,7 +108,7 @@ def summarize_method(
     loss_update: Sequence[float] | np.ndarray | None = None,
     languages: Sequence[str] | np.ndarray | None = None,
     documents: Sequence | np.ndarray | None = None,
-    action_names: Sequence[str] = ("skip", "update_1", "update_2", "update_4"),
+    action_names: Sequence[str] = ACTION_NAMES,
     lambda_max: float | None = None,
     n_resamples: int = DEFAULT_RESAMPLES,
     confidence: float = DEFAULT_CONFIDENCE,
