@@ -32,7 +32,7 @@ class GPT2Config:
     scale_attn_by_inverse_layer_idx: bool = False
     tie_word_embeddings: bool = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
             raise ValueError(f"GPT2Config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
@@ -41,30 +41,37 @@ class GPT2Config:
 
     @property
     def hidden_size(self) -> int:
+        """Residual width C (HF `n_embd`)."""
         return self.n_embd
 
     @property
     def num_layers(self) -> int:
+        """Number of transformer blocks (HF `n_layer`)."""
         return self.n_layer
 
     @property
     def head_dim(self) -> int:
+        """Per-head width: n_embd // n_head (divisibility is checked at construction)."""
         return self.n_embd // self.n_head
 
     @property
     def mlp_size(self) -> int:
+        """MLP hidden width: `n_inner`, or 4 * n_embd when it is None (as HF)."""
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
 
     @property
     def num_heads(self) -> int:
+        """Query heads (HF `n_head`)."""
         return self.n_head
 
     @property
     def num_kv_heads(self) -> int:
+        """Key/value heads: equal to `n_head` (GPT-2 has no grouped-query attention)."""
         return self.n_head
 
     @property
     def max_positions(self) -> int:
+        """Size of the learned position table (HF `n_positions`)."""
         return self.n_positions
 
     @property
@@ -74,36 +81,46 @@ class GPT2Config:
 
     @property
     def norm(self) -> Literal["layernorm", "rmsnorm"]:
+        """Always "layernorm" (scale and bias)."""
         return "layernorm"
 
     @property
     def gated_mlp(self) -> bool:
+        """Always False: c_fc → tanh GELU → c_proj."""
         return False
 
     @property
     def norm_eps(self) -> float:
+        """LayerNorm epsilon (HF `layer_norm_epsilon`, 1e-5)."""
         return self.layer_norm_epsilon
 
     # Presets: the four released GPT-2 sizes (openai-community/gpt2, -medium, -large, -xl).
     @classmethod
     def gpt2_125m(cls) -> GPT2Config:
+        """openai-community/gpt2: 12 layers, 12 heads, C = 768."""
         return cls(n_embd=768, n_layer=12, n_head=12)
 
     @classmethod
     def gpt2_355m(cls) -> GPT2Config:
+        """openai-community/gpt2-medium: 24 layers, 16 heads, C = 1024."""
         return cls(n_embd=1024, n_layer=24, n_head=16)
 
     @classmethod
     def gpt2_774m(cls) -> GPT2Config:
+        """openai-community/gpt2-large: 36 layers, 20 heads, C = 1280."""
         return cls(n_embd=1280, n_layer=36, n_head=20)
 
     @classmethod
     def gpt2_1_5b(cls) -> GPT2Config:
+        """openai-community/gpt2-xl: 48 layers, 25 heads, C = 1600."""
         return cls(n_embd=1600, n_layer=48, n_head=25)
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> GPT2Config:
-        """From a HF GPT-2 `config.json` dict."""
+        """From a HF GPT-2 `config.json` dict; missing keys take HF's defaults.
+
+        Raises ValueError for an activation other than tanh GELU (`gelu_new` and its aliases).
+        """
         act = hf.get("activation_function", "gelu_new")
         if act not in _TANH_GELU_NAMES:
             raise ValueError(f"GPT-2 activation_function={act!r} is not supported; expected one of {_TANH_GELU_NAMES}")
@@ -147,7 +164,7 @@ class Gemma3Config:
     tie_word_embeddings: bool = True
     max_position_embeddings: int = 32768
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.layer_types is None:
             object.__setattr__(self, "layer_types", default_layer_types(self.num_layers))
         else:
@@ -170,10 +187,12 @@ class Gemma3Config:
 
     @property
     def mlp_size(self) -> int:
+        """Width of the gated MLP's gate/up projections (HF `intermediate_size`)."""
         return self.intermediate_size
 
     @property
     def max_positions(self) -> int:
+        """HF `max_position_embeddings`: the trained context, not a hard limit (see `position_limit`)."""
         return self.max_position_embeddings
 
     @property
@@ -183,19 +202,23 @@ class Gemma3Config:
 
     @property
     def norm(self) -> Literal["layernorm", "rmsnorm"]:
+        """Always "rmsnorm" (Gemma's x / rms(x) * (1 + w))."""
         return "rmsnorm"
 
     @property
     def gated_mlp(self) -> bool:
+        """Always True: down(gelu_tanh(gate(x)) * up(x))."""
         return True
 
     @property
     def norm_eps(self) -> float:
+        """RMSNorm epsilon (HF `rms_norm_eps`, 1e-6)."""
         return self.rms_norm_eps
 
     # Presets at the released dimensions (google/gemma-3-{1b,4b,12b,27b}-pt, text part).
     @classmethod
     def gemma3_1b(cls) -> Gemma3Config:
+        """google/gemma-3-1b-pt: 26 layers, 4 query / 1 kv heads, C = 1152, window 512, 32K positions."""
         return cls(
             vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_layers=26, num_heads=4,
             num_kv_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
@@ -204,6 +227,7 @@ class Gemma3Config:
 
     @classmethod
     def gemma3_4b(cls) -> Gemma3Config:
+        """google/gemma-3-4b-pt text model: 34 layers, 8 / 4 heads, C = 2560, window 1024, global RoPE x8."""
         return cls(
             vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_layers=34, num_heads=8,
             num_kv_heads=4, head_dim=256, query_pre_attn_scalar=256, sliding_window=1024,
@@ -212,6 +236,7 @@ class Gemma3Config:
 
     @classmethod
     def gemma3_12b(cls) -> Gemma3Config:
+        """google/gemma-3-12b-pt text model: 48 layers, 16 / 8 heads, C = 3840, window 1024, global RoPE x8."""
         return cls(
             vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_layers=48, num_heads=16,
             num_kv_heads=8, head_dim=256, query_pre_attn_scalar=256, sliding_window=1024,
@@ -220,6 +245,7 @@ class Gemma3Config:
 
     @classmethod
     def gemma3_27b(cls) -> Gemma3Config:
+        """google/gemma-3-27b-pt text model: 62 layers, 32 / 16 heads of 128, C = 5376, query scale 168."""
         return cls(
             vocab_size=262208, hidden_size=5376, intermediate_size=21504, num_layers=62, num_heads=32,
             num_kv_heads=16, head_dim=128, query_pre_attn_scalar=168, sliding_window=1024,
@@ -228,7 +254,11 @@ class Gemma3Config:
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> Gemma3Config:
-        """From a HF `gemma3_text` config dict (transformers 4.5x `rope_*` keys or 5.x `rope_parameters`)."""
+        """From a HF `gemma3_text` config dict (transformers 4.5x `rope_*` keys or 5.x `rope_parameters`).
+
+        Missing keys take `Gemma3TextConfig`'s defaults. Raises ValueError for what this port does not implement:
+        a non-tanh-GELU activation, attention_bias, bidirectional attention, RoPE types other than default/linear.
+        """
         act = hf.get("hidden_activation", hf.get("hidden_act", "gelu_pytorch_tanh"))
         if act not in _TANH_GELU_NAMES:
             raise ValueError(f"Gemma 3 hidden_activation={act!r} is not supported; expected one of {_TANH_GELU_NAMES}")
@@ -265,7 +295,8 @@ class Gemma3Config:
 
 
 def default_layer_types(num_layers: int, pattern: int = 6) -> tuple[str, ...]:
-    """Gemma 3's pattern: every `pattern`-th layer is global, the others local."""
+    """Gemma 3's pattern: every `pattern`-th layer is global, the others local (4 layers, pattern 2:
+    ("sliding_attention", "full_attention", "sliding_attention", "full_attention"))."""
     return tuple(LOCAL_ATTENTION if (i + 1) % pattern else GLOBAL_ATTENTION for i in range(num_layers))
 
 
@@ -282,6 +313,7 @@ def _rope_entry(params: Mapping[str, Any] | None, default_base: float, where: st
 
 
 def _gemma3_rope(hf: Mapping[str, Any]) -> tuple[tuple[float, float], tuple[float, float]]:
+    """((base, scale) of global layers, (base, scale) of local layers) from either HF rope layout."""
     if hf.get("rope_parameters") is not None:
         rp = hf["rope_parameters"]
         if GLOBAL_ATTENTION in rp or LOCAL_ATTENTION in rp:
@@ -334,7 +366,10 @@ PRESETS["gpt2-xl"] = PRESETS["gpt2-1.5b"]
 
 
 def preset(name: str) -> GPT2Config | Gemma3Config:
-    """A preset config by name: gpt2-125m/355m/774m/1.5b (or gpt2, -medium, -large, -xl), gemma3-1b/4b/12b/27b."""
+    """A preset config by name: gpt2-125m/355m/774m/1.5b (or gpt2, -medium, -large, -xl), gemma3-1b/4b/12b/27b.
+
+    Raises ValueError for an unknown name, listing the known ones.
+    """
     try:
         return PRESETS[name]()
     except KeyError:
@@ -344,7 +379,8 @@ def preset(name: str) -> GPT2Config | Gemma3Config:
 def config_from_hf(hf: Mapping[str, Any]) -> GPT2Config | Gemma3Config:
     """The architecture of a HF `config.json` dict, picked by `model_type`.
 
-    `gemma3` (multimodal) checkpoints give the config of their language model (`text_config`).
+    `gemma3` (multimodal) checkpoints give the config of their language model (`text_config`). Raises ValueError
+    for any other `model_type` and for features the configs' `from_hf` reject.
     """
     model_type = hf.get("model_type")
     if model_type == "gpt2":

@@ -1,4 +1,4 @@
-"""HF checkpoints → NNX: `load_hf_causal_lm` and `load_hf_tokenizer`.
+"""HF checkpoints ↔ NNX: `load_hf_causal_lm`, `save_hf_causal_lm` (and `load_hf_tokenizer`, from `tokenizer`).
 
 The model is built abstractly (`nnx.eval_shape`), every parameter is matched to a checkpoint tensor by a
 regex table (one per architecture, with a transform: identity, transpose or a slice of a fused tensor),
@@ -16,7 +16,7 @@ import pathlib
 import re
 import shutil
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -24,14 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors
 import safetensors.numpy
-import tokenizers
 from flax import nnx
-from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.typing import DTypeLike
 
 from ponderttt.models.adapter import AdaptedLM, AdapterSpec
 from ponderttt.models.config import GLOBAL_ATTENTION, LOCAL_ATTENTION, Gemma3Config, GPT2Config, config_from_hf
 from ponderttt.models.model import CausalLM, build_model
 from ponderttt.models.sharding import LOGICAL_RULES, Rules, variable_spec
+from ponderttt.models.tokenizer import HFTokenizer as HFTokenizer  # re-exported: hf.HFTokenizer keeps working
+from ponderttt.models.tokenizer import load_hf_tokenizer as load_hf_tokenizer
 
 # Buffers some checkpoints carry that are not parameters (GPT-2 causal-mask buffers, cached RoPE tables).
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
@@ -48,12 +50,14 @@ class SafetensorsFile:
             raise ValueError(f"{path}: not a readable .safetensors file ({err})") from err
 
     def keys(self) -> list[str]:
+        """Tensor names stored in this file."""
         return list(self.handle.keys())
 
     def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of tensor `key`, from the header (no data is read)."""
         return tuple(self.handle.get_slice(key).get_shape())
 
-    def array(self, key: str):
+    def array(self, key: str) -> Any:
         """A lazy view of the tensor: indexing it with slices reads only those bytes."""
         return self.handle.get_slice(key)
 
@@ -83,12 +87,15 @@ class Checkpoint:
         return key in self.where
 
     def keys(self) -> list[str]:
+        """Every tensor name of the checkpoint, across its files."""
         return list(self.where)
 
     def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of tensor `key` (KeyError when absent)."""
         return self.where[key].shape(key)
 
-    def array(self, key: str) -> np.ndarray:
+    def array(self, key: str) -> Any:
+        """A lazy view of tensor `key` (see `SafetensorsFile.array`): indexing reads only those bytes."""
         return self.where[key].array(key)
 
 
@@ -97,10 +104,14 @@ class Checkpoint:
 
 @dataclasses.dataclass(frozen=True)
 class Identity:
+    """The source tensor has the parameter's layout (Conv1D kernels, norms, embeddings, biases)."""
+
     def source_shape(self, target: tuple[int, ...]) -> tuple[int, ...]:
+        """The source shape a parameter of shape `target` needs: the same."""
         return target
 
     def read(self, src: np.ndarray, index: tuple[slice, ...]) -> np.ndarray:
+        """The parameter's slice `index` (one slice per axis) from `src`."""
         return np.asarray(src[index])
 
 
@@ -109,9 +120,11 @@ class Transpose:
     """torch Linear weights are [out, in]; our kernels are [in, out]."""
 
     def source_shape(self, target: tuple[int, ...]) -> tuple[int, ...]:
+        """The reversed shape: [out, in] for an [in, out] kernel."""
         return target[::-1]
 
     def read(self, src: np.ndarray, index: tuple[slice, ...]) -> np.ndarray:
+        """The kernel's slice `index`: the transposed slice of the [out, in] source, transposed back."""
         return np.asarray(src[index[::-1]]).T
 
 
@@ -123,9 +136,11 @@ class SplitLast:
     parts: int
 
     def source_shape(self, target: tuple[int, ...]) -> tuple[int, ...]:
+        """The fused shape: the last axis `parts` times as wide."""
         return (*target[:-1], target[-1] * self.parts)
 
     def read(self, src: np.ndarray, index: tuple[slice, ...], width: int = 0) -> np.ndarray:
+        """The part's slice `index`, `width` being the part's full last-axis size (the parameter's)."""
         last = index[-1]
         offset = self.part * width
         start = (last.start or 0) + offset
@@ -190,7 +205,9 @@ class Assignment:
     transform: Transform
 
 
-def detect_prefix(config, ckpt: Checkpoint) -> str:
+def detect_prefix(config: GPT2Config | Gemma3Config, ckpt: Checkpoint) -> str:
+    """The first candidate prefix ('transformer.', 'model.', 'language_model.model.', ...) under which the
+    architecture's anchor tensor (`wte.weight` / `embed_tokens.weight`) exists; ValueError when none does."""
     anchor, candidates = _PREFIXES[type(config)]
     for prefix in candidates:
         if prefix + anchor in ckpt:
@@ -210,8 +227,11 @@ def _head_key(prefix: str, ckpt: Checkpoint, name: str) -> str:
     return candidates[0] + name
 
 
-def plan_assignments(config, target_shapes: dict[str, tuple[int, ...]], ckpt: Checkpoint, prefix: str):
-    """Matches every target parameter to a checkpoint tensor; returns (assignments, errors)."""
+def plan_assignments(
+    config: GPT2Config | Gemma3Config, target_shapes: dict[str, tuple[int, ...]], ckpt: Checkpoint, prefix: str
+) -> tuple[list[Assignment], list[str]]:
+    """Matches every target parameter ('blocks.0.attn.q.kernel': shape) to a checkpoint tensor under `prefix`;
+    returns (assignments, errors): missing tensors, shape mismatches, unmapped parameters, unused tensors."""
     table = GPT2_KEY_MAP if isinstance(config, GPT2Config) else GEMMA3_KEY_MAP
     assignments, errors, used = [], [], set()
     for target, shape in target_shapes.items():
@@ -247,7 +267,9 @@ def plan_assignments(config, target_shapes: dict[str, tuple[int, ...]], ckpt: Ch
     return assignments, errors
 
 
-def _read(ckpt: Checkpoint, a: Assignment, shape: tuple[int, ...], index: tuple[slice, ...] | None, dtype):
+def _read(
+    ckpt: Checkpoint, a: Assignment, shape: tuple[int, ...], index: tuple[slice, ...] | None, dtype: DTypeLike
+) -> np.ndarray:
     src = ckpt.array(a.key)
     index = tuple(slice(None) for _ in shape) if index is None else tuple(index)
     if isinstance(a.transform, SplitLast):
@@ -261,7 +283,7 @@ class _ShardReader:
     """make_array_from_callback's callback for one parameter: reads the slice of each addressable device, once
     per distinct slice (devices of this process holding the same replica share one read)."""
 
-    def __init__(self, ckpt: Checkpoint, a: Assignment, shape: tuple[int, ...], dtype):
+    def __init__(self, ckpt: Checkpoint, a: Assignment, shape: tuple[int, ...], dtype: DTypeLike):
         self.ckpt, self.a, self.shape, self.dtype = ckpt, a, shape, dtype
         self.done: dict[tuple, np.ndarray] = {}
 
@@ -275,8 +297,8 @@ class _ShardReader:
 def load_hf_causal_lm(
     path: str | pathlib.Path,
     *,
-    dtype=jnp.float32,
-    mesh=None,
+    dtype: DTypeLike = jnp.float32,
+    mesh: Mesh | None = None,
     ttt: Any = None,
     key_prefix: str | None = None,
     rules: Rules = LOGICAL_RULES,
@@ -292,6 +314,8 @@ def load_hf_causal_lm(
          `AdapterSpec`: the model is then an `AdaptedLM` carrying those fast-weight adapters.
     key_prefix: where the decoder's tensors sit in the checkpoint ('model.', 'transformer.', ...);
          detected when None.
+    Raises FileNotFoundError without config.json or safetensors files, ValueError listing every missing,
+    mis-shaped or unexpected tensor.
     """
     folder = pathlib.Path(path)
     config_file = folder / "config.json"
@@ -301,7 +325,7 @@ def load_hf_causal_lm(
     ckpt = Checkpoint(folder)
     prefix = detect_prefix(config, ckpt) if key_prefix is None else key_prefix
 
-    def build():
+    def build() -> CausalLM:
         return build_model(config, dtype=dtype, rngs=nnx.Rngs(0), mesh=mesh, rules=rules, remat=remat)
 
     abstract = nnx.eval_shape(build)
@@ -338,7 +362,7 @@ def load_hf_causal_lm(
 _SAVE_PREFIX = {GPT2Config: "transformer.", Gemma3Config: "model."}
 
 
-def hf_config_dict(config) -> dict[str, Any]:
+def hf_config_dict(config: GPT2Config | Gemma3Config) -> dict[str, Any]:
     """The HF `config.json` fields of an architecture config (transformers 5.x names; `config_from_hf` inverts it)."""
     if isinstance(config, GPT2Config):
         return {
@@ -395,7 +419,7 @@ def _int_if_whole(x: float) -> int | float:
     return int(x) if float(x).is_integer() else x
 
 
-def _host_array(value) -> np.ndarray:
+def _host_array(value: Any) -> np.ndarray:
     """A parameter as one host array; a value sharded across processes is gathered from all of them."""
     if isinstance(value, jax.Array) and not value.is_fully_addressable:
         from jax.experimental import multihost_utils
@@ -404,7 +428,7 @@ def _host_array(value) -> np.ndarray:
     return np.asarray(jax.device_get(value))
 
 
-def export_tensors(model: CausalLM | AdaptedLM, *, dtype=None) -> dict[str, np.ndarray]:
+def export_tensors(model: CausalLM | AdaptedLM, *, dtype: DTypeLike | None = None) -> dict[str, np.ndarray]:
     """The backbone's parameters under their HF names and layouts (the inverse of `load_hf_causal_lm`'s maps).
 
     Kernels are transposed back to torch's [out, in] where HF uses nn.Linear, GPT-2's q, k, v are fused into
@@ -468,7 +492,7 @@ def save_hf_causal_lm(
     path: str | pathlib.Path,
     *,
     config: Mapping[str, Any] | None = None,
-    dtype=None,
+    dtype: DTypeLike | None = None,
     max_shard_bytes: int | None = None,
     overwrite: bool = False,
 ) -> pathlib.Path:
@@ -500,7 +524,13 @@ def save_hf_causal_lm(
     return folder
 
 
-def _write_hf_dir(folder: pathlib.Path, arch, tensors: dict[str, np.ndarray], config, max_shard_bytes) -> None:
+def _write_hf_dir(
+    folder: pathlib.Path,
+    arch: GPT2Config | Gemma3Config,
+    tensors: dict[str, np.ndarray],
+    config: Mapping[str, Any] | None,
+    max_shard_bytes: int | None,
+) -> None:
     dtypes = {str(v.dtype) for v in tensors.values()}
     fields = hf_config_dict(arch)
     fields["dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"
@@ -532,51 +562,3 @@ def _write_hf_dir(folder: pathlib.Path, arch, tensors: dict[str, np.ndarray], co
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-@dataclasses.dataclass
-class HFTokenizer:
-    """A HF `tokenizer.json` with the special tokens of `tokenizer_config.json` / `special_tokens_map.json`."""
-
-    tokenizer: tokenizers.Tokenizer
-    bos_token_id: int | None = None
-    eos_token_id: int | None = None
-    pad_token_id: int | None = None
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size(with_added_tokens=True)
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
-
-    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
-
-
-def _token_text(value: Any) -> str | None:
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
-
-
-def load_hf_tokenizer(path: str | pathlib.Path) -> HFTokenizer:
-    """The fast tokenizer of a HF directory (tokenizer.json), with its bos/eos/pad ids."""
-    folder = pathlib.Path(path)
-    file = folder / "tokenizer.json" if folder.is_dir() else folder
-    if not file.exists():
-        raise FileNotFoundError(f"{folder}: no tokenizer.json (only fast tokenizers are supported)")
-    tok = tokenizers.Tokenizer.from_file(str(file))
-    special: dict[str, Any] = {}
-    base = file.parent
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        if (base / name).exists():
-            special.update({k: v for k, v in json.loads((base / name).read_text()).items() if v is not None})
-    ids = {}
-    for role in ("bos", "eos", "pad"):
-        text = _token_text(special.get(f"{role}_token"))
-        ids[role] = tok.token_to_id(text) if text is not None else None
-    return HFTokenizer(tok, bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])

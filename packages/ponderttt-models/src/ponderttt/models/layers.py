@@ -6,17 +6,21 @@ Norm statistics and softmax are computed in float32 whatever the parameter dtype
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.typing import DTypeLike
 
 # Large negative bias for masked attention logits; finite so fully masked rows (left padding) give no NaN.
 MASK_VALUE = -1e30
 
 
-def layer_norm(x, scale, bias, eps: float):
-    """LayerNorm over the last axis, statistics in float32."""
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm of x [..., C] over its last axis with scale, bias [C]; statistics in float32, result in x's dtype."""
     xf = x.astype(jnp.float32)
     mean = xf.mean(-1, keepdims=True)
     var = jnp.square(xf - mean).mean(-1, keepdims=True)
@@ -24,14 +28,16 @@ def layer_norm(x, scale, bias, eps: float):
     return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
-def rms_norm(x, weight, eps: float):
-    """Gemma RMSNorm: x / rms(x) * (1 + weight), in float32 (the stored weight is an offset from 1)."""
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """Gemma RMSNorm of x [..., C] with weight [C]: x / rms(x) * (1 + weight), computed in float32 (the stored
+    weight is an offset from 1), returned in x's dtype."""
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + eps)
     return (y * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
 
 
-def gelu_tanh(x):
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """GELU with the tanh approximation: HF's `gelu_new` / `gelu_pytorch_tanh` (GPT-2 and Gemma 3 MLPs)."""
     return jax.nn.gelu(x, approximate=True)
 
 
@@ -41,8 +47,9 @@ def rope_inv_freq(head_dim: int, base: float, scale: float = 1.0) -> np.ndarray:
     return (1.0 / (np.float32(base) ** exponents) / np.float32(scale)).astype(np.float32)
 
 
-def apply_rope(x_bthd, positions_bt, inv_freq):
-    """Rotary embedding in the rotate-half convention of HF (first half / second half of head_dim)."""
+def apply_rope(x_bthd: jax.Array, positions_bt: jax.Array, inv_freq: jax.Array | np.ndarray) -> jax.Array:
+    """Rotary embedding of x [B, T, H, D] at integer positions [B, T] with `inv_freq` [D/2] (`rope_inv_freq`),
+    in HF's rotate-half convention (first half / second half of head_dim); angles in float32, result in x's dtype."""
     angles = positions_bt.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, D]
     cos, sin = jnp.cos(angles).astype(x_bthd.dtype), jnp.sin(angles).astype(x_bthd.dtype)
@@ -51,7 +58,7 @@ def apply_rope(x_bthd, positions_bt, inv_freq):
     return x_bthd * cos + rotated * sin
 
 
-def causal_mask(q_slots_bt, k_slots_s, key_valid_bs, window: int | None):
+def causal_mask(q_slots_bt: jax.Array, k_slots_s: jax.Array, key_valid_bs: jax.Array, window: int | None) -> jax.Array:
     """Boolean [B, T, S]: causal over slots, valid keys only, and within `window` slots when given.
 
     Slots are cache indices (or sequence indices without a cache). Left padding shifts every slot of a row by
@@ -65,10 +72,70 @@ def causal_mask(q_slots_bt, k_slots_s, key_valid_bs, window: int | None):
     return allowed
 
 
+LayerCache = tuple[jax.Array, jax.Array, jax.Array, bool]
+"""One layer's part of a KV cache: (keys, values, index, ring): keys and values [B, S, kv_heads, head_dim] (or
+[B, W, ...] for a ring buffer of W entries), index the next slot to write (int32 scalar), ring whether the arrays
+are a sliding-window ring buffer."""
+
+
+def write_cache(
+    k_new: jax.Array, v_new: jax.Array, layer_cache: LayerCache | None
+) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+    """((keys, values) to attend over, (keys, values) of the new cache) for this call's k, v [B, T, kv, D].
+
+    No cache: the new ones for both. Full cache: the cache with the new ones written at `index`, for both.
+    Ring buffer of W entries: attend over [ring as it was, new ones] (what `ring_mask` describes), and write
+    the last min(T, W) new ones into entries (slot % W). New keys and values are cast to the cache's dtype.
+    """
+    if layer_cache is None:
+        return (k_new, v_new), (k_new, v_new)
+    k_cache, v_cache, index, ring = layer_cache
+    k_new, v_new = k_new.astype(k_cache.dtype), v_new.astype(v_cache.dtype)
+    if not ring:
+        k = jax.lax.dynamic_update_slice(k_cache, k_new, (0, index, 0, 0))
+        v = jax.lax.dynamic_update_slice(v_cache, v_new, (0, index, 0, 0))
+        return (k, v), (k, v)
+    size, t = k_cache.shape[1], k_new.shape[1]
+    n = min(t, size)
+    entries = (index + t - n + jnp.arange(n, dtype=jnp.int32)) % size
+    k_ring = k_cache.at[:, entries].set(k_new[:, t - n :])
+    v_ring = v_cache.at[:, entries].set(v_new[:, t - n :])
+    both = (jnp.concatenate([k_cache, k_new], axis=1), jnp.concatenate([v_cache, v_new], axis=1))
+    return both, (k_ring, v_ring)
+
+
+def ring_mask(
+    q_slots_bt: jax.Array, valid_bt: jax.Array, key_valid_bs: jax.Array, index: jax.Array, size: int, window: int | None
+) -> jax.Array:
+    """Boolean mask [B, T, size + T] of T queries at slots index.. over [a ring buffer of `size` entries, the T new
+    keys]; valid_bt [B, T] marks the new tokens, key_valid_bs [B, S] every slot of the cache.
+
+    Ring entry j holds the latest slot a < index with a % size == j (none yet when a < 0).
+    """
+    j = jnp.arange(size, dtype=jnp.int32)
+    held = index - 1 - jnp.remainder(index - 1 - j, size)
+    held_valid = (held >= 0)[None, :] & jnp.take(key_valid_bs, jnp.maximum(held, 0), axis=1)
+    t = q_slots_bt.shape[1]
+    k_slots = jnp.concatenate([held, index + jnp.arange(t, dtype=jnp.int32)])
+    return causal_mask(q_slots_bt, k_slots, jnp.concatenate([held_valid, valid_bt], axis=1), window)
+
+
 def attention(
-    q_bthd, k_bshd, v_bshd, mask_bts, scale: float, *, query_block: int | None = None, window=None, loop=False
-):
+    q_bthd: jax.Array,
+    k_bshd: jax.Array,
+    v_bshd: jax.Array,
+    mask_bts: jax.Array,
+    scale: float,
+    *,
+    query_block: int | None = None,
+    window: int | None = None,
+    loop: bool = False,
+) -> jax.Array:
     """Scaled dot-product attention with grouped queries (query head j reads kv head j // group, HF's order).
+
+    q [B, T, H, D], k and v [B, S, kv, D] (H a multiple of kv), boolean mask [B, T, S] (True = may attend);
+    returns [B, T, H, D] in q's dtype, logits and softmax in float32. Masked logits get MASK_VALUE, so a fully
+    masked row (left padding) gives finite values rather than NaN.
 
     Computed head-major: q as [B, kv, group * T, D] against k, v as [B, kv, S, D], so grouped queries share
     their kv head without a repeated copy and every contraction is a plain batched matmul. The softmax is
@@ -79,7 +146,8 @@ def attention(
     loop: attend one (sequence, kv head) at a time in a `lax.map` loop, so that the [T, S] score tiles of the
     several passes (scores, mask, max, exp, sum, values) stay in cache: about 1.5x faster on CPU at T = 1024.
     Only for unsharded runs: a loop over a sharded batch or head axis would gather it.
-    The result is the same up to float rounding whatever the options.
+    The result is the same up to float rounding whatever the options. Raises ValueError when query_block is
+    used with T > query_block queries over a different number S of keys (a cache).
     """
     b, t, h, d = q_bthd.shape
     kv, s = k_bshd.shape[2], k_bshd.shape[1]
@@ -106,7 +174,15 @@ def attention(
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q_bthd.dtype)
 
 
-def _attend_blocks(q, k, v, mask_bts, scale: float, query_block: int | None, window: int | None):
+def _attend_blocks(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask_bts: jax.Array,
+    scale: float,
+    query_block: int | None,
+    window: int | None,
+) -> jax.Array:
     """q [B, kv, G, T, D] over k, v [B, kv, S, D]: in query blocks skipping masked keys when query_block is set."""
     t = q.shape[3]
     if query_block is None or t <= query_block:
@@ -119,7 +195,7 @@ def _attend_blocks(q, k, v, mask_bts, scale: float, query_block: int | None, win
     return jnp.concatenate(outs, axis=3)
 
 
-def _attend(q_bkgtd, k_bksd, v_bksd, mask_bts, scale: float):
+def _attend(q_bkgtd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array, mask_bts: jax.Array, scale: float) -> jax.Array:
     """One block: q [B, kv, G, T, D], k/v [B, kv, S, D], mask [B, T, S] → [B, kv, G, T, D] float32."""
     b, kv, g, t, d = q_bkgtd.shape
     s = k_bksd.shape[2]
@@ -149,7 +225,7 @@ class Dense(nnx.Module):
         axes: tuple[str, str],
         *,
         use_bias: bool,
-        dtype,
+        dtype: DTypeLike,
         rngs: nnx.Rngs,
         init_std: float = 0.02,
     ):
@@ -158,7 +234,8 @@ class Dense(nnx.Module):
         self.kernel = nnx.Param(kernel.astype(dtype), logical_axes=axes)
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype), logical_axes=(axes[1],)) if use_bias else None
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., in] → [..., out], accumulated in float32 and returned in x's dtype."""
         y = jnp.einsum("...i,io->...o", x, self.kernel[...], preferred_element_type=jnp.float32)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
@@ -168,51 +245,68 @@ class Dense(nnx.Module):
 class Embed(nnx.Module):
     """Token (or position) table [num, features]; `attend` uses it as a tied output head."""
 
-    def __init__(self, num: int, features: int, axes: tuple[str, str], *, dtype, rngs: nnx.Rngs, init_std=0.02):
+    def __init__(
+        self,
+        num: int,
+        features: int,
+        axes: tuple[str, str],
+        *,
+        dtype: DTypeLike,
+        rngs: nnx.Rngs,
+        init_std: float = 0.02,
+    ):
         table = init_std * jax.random.normal(rngs.params(), (num, features), jnp.float32)
         self.embedding = nnx.Param(table.astype(dtype), logical_axes=axes)
 
-    def __call__(self, ids):
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        """Rows of the table for integer ids [...] → [..., features], in the table's dtype."""
         return jnp.take(self.embedding[...], ids, axis=0)
 
-    def attend(self, x):
-        """Logits in float32: x @ tableᵀ."""
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Logits in float32: x [..., features] @ tableᵀ → [..., num]."""
         return jnp.einsum("...c,vc->...v", x, self.embedding[...], preferred_element_type=jnp.float32)
 
 
 class LayerNorm(nnx.Module):
-    def __init__(self, features: int, eps: float, *, dtype):
+    """LayerNorm with a scale (init 1) and bias (init 0) of [features] (HF `nn.LayerNorm`'s weight and bias)."""
+
+    def __init__(self, features: int, eps: float, *, dtype: DTypeLike):
         self.eps = eps
         self.scale = nnx.Param(jnp.ones((features,), dtype), logical_axes=("norm",))
         self.bias = nnx.Param(jnp.zeros((features,), dtype), logical_axes=("norm",))
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """`layer_norm` of x [..., features] over its last axis, in x's dtype."""
         return layer_norm(x, self.scale[...], self.bias[...], self.eps)
 
 
 class RMSNorm(nnx.Module):
     """Gemma RMSNorm; the weight starts at 0, i.e. a unit gain."""
 
-    def __init__(self, features: int, eps: float, *, dtype):
+    def __init__(self, features: int, eps: float, *, dtype: DTypeLike):
         self.eps = eps
         self.scale = nnx.Param(jnp.zeros((features,), dtype), logical_axes=("norm",))
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """`rms_norm` of x [..., features] over its last axis, in x's dtype."""
         return rms_norm(x, self.scale[...], self.eps)
 
 
-def split_heads(x_btf, num_heads: int):
+def split_heads(x_btf: jax.Array, num_heads: int) -> jax.Array:
+    """[B, T, H * D] → [B, T, H, D] (head-major features, as HF's view)."""
     b, t, f = x_btf.shape
     return x_btf.reshape(b, t, num_heads, f // num_heads)
 
 
-def merge_heads(x_bthd):
+def merge_heads(x_bthd: jax.Array) -> jax.Array:
+    """[B, T, H, D] → [B, T, H * D]: the inverse of `split_heads`."""
     b, t, h, d = x_bthd.shape
     return x_bthd.reshape(b, t, h * d)
 
 
-def remat_policy(name: str | None):
-    """jax.checkpoint policy by name: None/'none' (no remat), 'full' (save nothing), 'dots' (save matmuls)."""
+def remat_policy(name: str | None) -> Callable[..., Any] | None:
+    """jax.checkpoint policy by name: None/'none' (no remat: returns None), 'full' (save nothing), 'dots' (save
+    matmuls without batch dims), 'everything' (save all). Raises ValueError for any other name."""
     policies = {
         "full": jax.checkpoint_policies.nothing_saveable,
         "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,

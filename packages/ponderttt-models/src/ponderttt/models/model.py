@@ -15,11 +15,14 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
+from jax.typing import DTypeLike
 
 from ponderttt.models.config import GLOBAL_ATTENTION, LOCAL_ATTENTION, Gemma3Config, GPT2Config, ModelConfig
 from ponderttt.models.layers import (
     Dense,
     Embed,
+    LayerCache,
     LayerNorm,
     RMSNorm,
     apply_rope,
@@ -28,8 +31,10 @@ from ponderttt.models.layers import (
     gelu_tanh,
     merge_heads,
     remat_policy,
+    ring_mask,
     rope_inv_freq,
     split_heads,
+    write_cache,
 )
 from ponderttt.models.sharding import LOGICAL_RULES, Rules, constrain
 
@@ -62,6 +67,7 @@ class KVCache:
 
     @property
     def max_length(self) -> int:
+        """S: the slots the cache holds (prompt plus generated tokens), whatever a ring buffer's size."""
         return self.key_valid.shape[1]
 
 
@@ -108,7 +114,7 @@ class CausalLM(nnx.Module):
     config: ModelConfig
     blocks: nnx.List
 
-    def _setup_common(self, dtype, mesh, rules: Rules, remat: str | None):
+    def _setup_common(self, dtype: DTypeLike, mesh: Mesh | None, rules: Rules, remat: str | None) -> None:
         self.dtype = jnp.dtype(dtype)
         self.mesh = mesh
         self.rules = tuple(rules)
@@ -130,7 +136,7 @@ class CausalLM(nnx.Module):
             window = self.attention_window(i)
             sizes.append(window if window is not None and window < max_length else max_length)
 
-        def zeros(size):
+        def zeros(size: int) -> jax.Array:
             return jnp.zeros((batch_size, size, self.num_kv_heads, self.head_dim), self.dtype)
 
         return KVCache(
@@ -186,7 +192,7 @@ class CausalLM(nnx.Module):
             mask_key = (window, cache.keys[i].shape[1] if ring else None)
             if mask_key not in masks:
                 if ring:
-                    masks[mask_key] = _ring_mask(q_slots, valid_bt, key_valid, cache.index, mask_key[1], window)
+                    masks[mask_key] = ring_mask(q_slots, valid_bt, key_valid, cache.index, mask_key[1], window)
                 else:
                     masks[mask_key] = causal_mask(q_slots, k_slots, key_valid, window)
             mask = masks[mask_key]
@@ -254,7 +260,11 @@ class CausalLM(nnx.Module):
 
 
 class GPT2Attention(nnx.Module):
-    def __init__(self, cfg: GPT2Config, layer: int, *, dtype, rngs: nnx.Rngs):
+    """GPT-2 causal self-attention: q, k, v and c_proj are Dense [C, C] with bias (HF's fused c_attn split in
+    three); logits scaled by head_dim^-1/2 (1 without scale_attn_weights), and by 1 / (layer + 1) with
+    scale_attn_by_inverse_layer_idx."""
+
+    def __init__(self, cfg: GPT2Config, layer: int, *, dtype: DTypeLike, rngs: nnx.Rngs):
         c = cfg.n_embd
         self.num_heads = cfg.n_head
         self.q = Dense(c, c, ("embed", "heads"), use_bias=True, dtype=dtype, rngs=rngs)
@@ -264,7 +274,11 @@ class GPT2Attention(nnx.Module):
         scale = cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
         self.scale = scale / (layer + 1) if cfg.scale_attn_by_inverse_layer_idx else scale
 
-    def __call__(self, x, mask, layer_cache, mesh, rules):
+    def __call__(
+        self, x: jax.Array, mask: jax.Array, layer_cache: LayerCache | None, mesh: Mesh | None, rules: Rules
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """x [B, T, C] attending under the boolean mask [B, T, S] (over the cache when given) → (out [B, T, C],
+        (keys, values) of the new layer cache, or this call's k, v [B, T, H, D] without a cache)."""
         q = constrain(split_heads(self.q(x), self.num_heads), ACT_BTHD, mesh, rules)
         k = constrain(split_heads(self.k(x), self.num_heads), ACT_BTHD, mesh, rules)
         v = constrain(split_heads(self.v(x), self.num_heads), ACT_BTHD, mesh, rules)
@@ -273,23 +287,36 @@ class GPT2Attention(nnx.Module):
 
 
 class GPT2MLP(nnx.Module):
-    def __init__(self, cfg: GPT2Config, *, dtype, rngs: nnx.Rngs):
+    """GPT-2 MLP: c_proj(gelu_tanh(c_fc(x))), Dense [C, mlp_size] and [mlp_size, C] with bias."""
+
+    def __init__(self, cfg: GPT2Config, *, dtype: DTypeLike, rngs: nnx.Rngs):
         self.c_fc = Dense(cfg.n_embd, cfg.mlp_size, ("embed", "mlp"), use_bias=True, dtype=dtype, rngs=rngs)
         self.c_proj = Dense(cfg.mlp_size, cfg.n_embd, ("mlp", "embed"), use_bias=True, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, mesh, rules):
+    def __call__(self, x: jax.Array, mesh: Mesh | None, rules: Rules) -> jax.Array:
+        """x [B, T, C] → [B, T, C]; the hidden [B, T, mlp_size] is sharded as ("batch", "seq", "act_mlp")."""
         return self.c_proj(constrain(gelu_tanh(self.c_fc(x)), ACT_BTF, mesh, rules))
 
 
 class GPT2Block(nnx.Module):
-    def __init__(self, cfg: GPT2Config, layer: int, *, dtype, mesh, rules, rngs: nnx.Rngs):
+    """GPT-2 pre-LayerNorm block (HF `GPT2Block`): h + attn(ln_1(h)), then h + mlp(ln_2(h))."""
+
+    def __init__(
+        self, cfg: GPT2Config, layer: int, *, dtype: DTypeLike, mesh: Mesh | None, rules: Rules, rngs: nnx.Rngs
+    ):
         self.mesh, self.rules = mesh, rules
         self.ln_1 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, dtype=dtype)
         self.attn = GPT2Attention(cfg, layer, dtype=dtype, rngs=rngs)
         self.ln_2 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, dtype=dtype)
         self.mlp = GPT2MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, h, positions, mask, layer_cache):
+    def __call__(
+        self, h: jax.Array, positions: jax.Array, mask: jax.Array, layer_cache: LayerCache | None
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Residual stream h [B, T, C] → (h [B, T, C], (keys, values) as `GPT2Attention` returns them).
+
+        positions [B, T] is unused (GPT-2 adds learned positions at the embedding); mask [B, T, S] is boolean.
+        """
         del positions  # GPT-2 adds learned positions at the embedding
         a, kv = self.attn(self.ln_1(h), mask, layer_cache, self.mesh, self.rules)
         h = h + a
@@ -304,9 +331,9 @@ class GPT2(CausalLM):
         self,
         config: GPT2Config,
         *,
-        dtype=jnp.float32,
+        dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
-        mesh=None,
+        mesh: Mesh | None = None,
         rules: Rules = LOGICAL_RULES,
         remat: str | None = None,
     ):
@@ -326,19 +353,24 @@ class GPT2(CausalLM):
 
     @property
     def num_kv_heads(self) -> int:
+        """Key/value heads per layer (= n_head): the cache's third axis."""
         return self.config.n_head
 
     @property
     def head_dim(self) -> int:
+        """n_embd // n_head: the cache's last axis."""
         return self.config.head_dim
 
-    def embed(self, input_ids, positions):
+    def embed(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
+        """wte[input_ids] + wpe[positions] for int [B, T] ids and positions → [B, T, C] in the model dtype."""
         return (self.wte(input_ids) + self.wpe(positions)).astype(self.dtype)
 
-    def final_norm(self, h):
+    def final_norm(self, h: jax.Array) -> jax.Array:
+        """ln_f of the last block's output [B, T, C]."""
         return self.ln_f(h)
 
-    def readout(self, h):
+    def readout(self, h: jax.Array) -> jax.Array:
+        """Logits [B, T, vocab] float32 of h [B, T, C]: h @ wteᵀ when tied, else h @ lm_head."""
         if self.lm_head is None:
             return self.wte.attend(h)
         return jnp.einsum("...c,cv->...v", h, self.lm_head.kernel[...], preferred_element_type=jnp.float32)
@@ -350,7 +382,11 @@ class GPT2(CausalLM):
 
 
 class Gemma3Attention(nnx.Module):
-    def __init__(self, cfg: Gemma3Config, layer: int, *, dtype, rngs: nnx.Rngs):
+    """Gemma 3 grouped-query attention without bias: q_proj [C, H * D], k_proj and v_proj [C, kv * D], o_proj
+    [H * D, C]; per-head RMSNorm of q and k, then RoPE (global or local base by layer type); logits scaled by
+    query_pre_attn_scalar^-1/2; local layers see only the last `sliding_window` slots."""
+
+    def __init__(self, cfg: Gemma3Config, layer: int, *, dtype: DTypeLike, rngs: nnx.Rngs):
         c, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.num_heads, self.num_kv_heads = h, kv
         self.q_proj = Dense(c, h * d, ("embed", "heads"), use_bias=False, dtype=dtype, rngs=rngs)
@@ -366,7 +402,17 @@ class Gemma3Attention(nnx.Module):
         self.inv_freq = tuple(float(f) for f in rope_inv_freq(d, base, scale))  # static: no parameter
         self.scale = cfg.query_pre_attn_scalar**-0.5
 
-    def __call__(self, x, positions, mask, layer_cache, mesh, rules):
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        layer_cache: LayerCache | None,
+        mesh: Mesh | None,
+        rules: Rules,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """x [B, T, C] at int positions [B, T] (for RoPE) attending under the boolean mask [B, T, S] → (out
+        [B, T, C], (keys, values) of the new layer cache, or this call's k, v [B, T, kv, D] without a cache)."""
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
         q = constrain(split_heads(self.q_proj(x), self.num_heads), ACT_BTHD, mesh, rules)
         k = constrain(split_heads(self.k_proj(x), self.num_kv_heads), ACT_BTKD, mesh, rules)
@@ -378,19 +424,27 @@ class Gemma3Attention(nnx.Module):
 
 
 class Gemma3MLP(nnx.Module):
-    def __init__(self, cfg: Gemma3Config, *, dtype, rngs: nnx.Rngs):
+    """Gemma 3 gated MLP without bias: down_proj(gelu_tanh(gate_proj(x)) * up_proj(x)), hidden intermediate_size."""
+
+    def __init__(self, cfg: Gemma3Config, *, dtype: DTypeLike, rngs: nnx.Rngs):
         c, f = cfg.hidden_size, cfg.intermediate_size
         self.gate_proj = Dense(c, f, ("embed", "mlp"), use_bias=False, dtype=dtype, rngs=rngs)
         self.up_proj = Dense(c, f, ("embed", "mlp"), use_bias=False, dtype=dtype, rngs=rngs)
         self.down_proj = Dense(f, c, ("mlp", "embed"), use_bias=False, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, mesh, rules):
+    def __call__(self, x: jax.Array, mesh: Mesh | None, rules: Rules) -> jax.Array:
+        """x [B, T, C] → [B, T, C]; the gated hidden [B, T, F] is sharded as ("batch", "seq", "act_mlp")."""
         hidden = constrain(gelu_tanh(self.gate_proj(x)) * self.up_proj(x), ACT_BTF, mesh, rules)
         return self.down_proj(hidden)
 
 
 class Gemma3Block(nnx.Module):
-    def __init__(self, cfg: Gemma3Config, layer: int, *, dtype, mesh, rules, rngs: nnx.Rngs):
+    """Gemma 3 block with RMSNorm before and after each sublayer (HF `Gemma3DecoderLayer`):
+    h + post_attention_layernorm(attn(input_layernorm(h))), then the same around the MLP."""
+
+    def __init__(
+        self, cfg: Gemma3Config, layer: int, *, dtype: DTypeLike, mesh: Mesh | None, rules: Rules, rngs: nnx.Rngs
+    ):
         self.mesh, self.rules = mesh, rules
         eps, c = cfg.rms_norm_eps, cfg.hidden_size
         self.input_layernorm = RMSNorm(c, eps, dtype=dtype)
@@ -400,7 +454,11 @@ class Gemma3Block(nnx.Module):
         self.mlp = Gemma3MLP(cfg, dtype=dtype, rngs=rngs)
         self.post_feedforward_layernorm = RMSNorm(c, eps, dtype=dtype)
 
-    def __call__(self, h, positions, mask, layer_cache):
+    def __call__(
+        self, h: jax.Array, positions: jax.Array, mask: jax.Array, layer_cache: LayerCache | None
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Residual stream h [B, T, C] at int positions [B, T] under the boolean mask [B, T, S] → (h [B, T, C],
+        (keys, values) as `Gemma3Attention` returns them)."""
         a, kv = self.self_attn(self.input_layernorm(h), positions, mask, layer_cache, self.mesh, self.rules)
         h = h + self.post_attention_layernorm(a)
         m = self.mlp(self.pre_feedforward_layernorm(h), self.mesh, self.rules)
@@ -415,9 +473,9 @@ class Gemma3(CausalLM):
         self,
         config: Gemma3Config,
         *,
-        dtype=jnp.float32,
+        dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
-        mesh=None,
+        mesh: Mesh | None = None,
         rules: Rules = LOGICAL_RULES,
         remat: str | None = None,
     ):
@@ -440,24 +498,31 @@ class Gemma3(CausalLM):
 
     @property
     def num_kv_heads(self) -> int:
+        """Key/value heads per layer (grouped-query attention): the cache's third axis."""
         return self.config.num_kv_heads
 
     @property
     def head_dim(self) -> int:
+        """config.head_dim (not hidden_size // num_heads in general): the cache's last axis."""
         return self.config.head_dim
 
     def attention_window(self, layer: int) -> int | None:
+        """`sliding_window` for a "sliding_attention" layer, None for a "full_attention" one."""
         return self.config.sliding_window if self.config.layer_types[layer] == LOCAL_ATTENTION else None
 
-    def embed(self, input_ids, positions):
+    def embed(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
+        """embed_tokens[input_ids] * sqrt(C) for int ids [B, T] → [B, T, C] in the model dtype (positions unused)."""
         del positions  # RoPE is applied inside attention
         scale = jnp.asarray(math.sqrt(self.config.hidden_size), self.dtype)  # HF rounds it to the weight dtype
         return self.embed_tokens(input_ids).astype(self.dtype) * scale
 
-    def final_norm(self, h):
+    def final_norm(self, h: jax.Array) -> jax.Array:
+        """The final RMSNorm of the last block's output [B, T, C]."""
         return self.norm(h)
 
-    def readout(self, h):
+    def readout(self, h: jax.Array) -> jax.Array:
+        """Logits [B, T, vocab] float32 of h [B, T, C] (tied or lm_head), soft-capped as
+        cap * tanh(logits / cap) when `final_logit_softcapping` is set."""
         if self.lm_head is None:
             logits = self.embed_tokens.attend(h)
         else:
@@ -466,58 +531,40 @@ class Gemma3(CausalLM):
         return logits if cap is None else jnp.tanh(logits / cap) * cap
 
 
-def _cached_attention(q, k_new, v_new, mask, layer_cache, scale: float, mesh, window: int | None = None):
+def _cached_attention(
+    q: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    mask: jax.Array,
+    layer_cache: LayerCache | None,
+    scale: float,
+    mesh: Mesh | None,
+    window: int | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Attention of both backbones around the layer's cache: (output [B, T, H, D], (keys, values) of the cache).
 
     Without a cache, queries go in blocks of ATTENTION_QUERY_BLOCK (skipping masked keys) and, when no mesh is
     given or set, in a loop over sequences and heads (see layers.attention; a loop over a sharded axis would
     gather it). With a cache neither: a decoding step's one query per row would make the loop's cost dominate.
     """
-    (k, v), new_kv = _write_cache(k_new, v_new, layer_cache)
+    (k, v), new_kv = write_cache(k_new, v_new, layer_cache)
     block = ATTENTION_QUERY_BLOCK if layer_cache is None else None
     loop = block is not None and mesh is None and jax.sharding.get_abstract_mesh().empty
     return attention(q, k, v, mask, scale, query_block=block, window=window, loop=loop), new_kv
 
 
-def _write_cache(k_new, v_new, layer_cache):
-    """((keys, values) to attend over, (keys, values) of the new cache).
+def build_model(
+    config: GPT2Config | Gemma3Config,
+    *,
+    dtype: DTypeLike = jnp.float32,
+    rngs: nnx.Rngs | None = None,
+    **kwargs: Any,
+) -> CausalLM:
+    """GPT2 or Gemma3 for `config` (random initialisation; see `load_hf_causal_lm` for checkpoints).
 
-    No cache: the new ones for both. Full cache: the cache with the new ones written at `index`, for both.
-    Ring buffer of W entries: attend over [ring as it was, new ones] (what the ring mask describes), and write
-    the last min(T, W) new ones into entries (slot % W).
+    rngs defaults to nnx.Rngs(0); kwargs (mesh, rules, remat) go to the constructor. Raises TypeError for any
+    other config type.
     """
-    if layer_cache is None:
-        return (k_new, v_new), (k_new, v_new)
-    k_cache, v_cache, index, ring = layer_cache
-    k_new, v_new = k_new.astype(k_cache.dtype), v_new.astype(v_cache.dtype)
-    if not ring:
-        k = jax.lax.dynamic_update_slice(k_cache, k_new, (0, index, 0, 0))
-        v = jax.lax.dynamic_update_slice(v_cache, v_new, (0, index, 0, 0))
-        return (k, v), (k, v)
-    size, t = k_cache.shape[1], k_new.shape[1]
-    n = min(t, size)
-    entries = (index + t - n + jnp.arange(n, dtype=jnp.int32)) % size
-    k_ring = k_cache.at[:, entries].set(k_new[:, t - n :])
-    v_ring = v_cache.at[:, entries].set(v_new[:, t - n :])
-    both = (jnp.concatenate([k_cache, k_new], axis=1), jnp.concatenate([v_cache, v_new], axis=1))
-    return both, (k_ring, v_ring)
-
-
-def _ring_mask(q_slots_bt, valid_bt, key_valid_bs, index, size: int, window: int | None):
-    """Mask [B, T, size + T] of T queries at slots index.. over [a ring buffer of `size` entries, the T new keys].
-
-    Ring entry j holds the latest slot a < index with a % size == j (none yet when a < 0).
-    """
-    j = jnp.arange(size, dtype=jnp.int32)
-    held = index - 1 - jnp.remainder(index - 1 - j, size)
-    held_valid = (held >= 0)[None, :] & jnp.take(key_valid_bs, jnp.maximum(held, 0), axis=1)
-    t = q_slots_bt.shape[1]
-    k_slots = jnp.concatenate([held, index + jnp.arange(t, dtype=jnp.int32)])
-    return causal_mask(q_slots_bt, k_slots, jnp.concatenate([held_valid, valid_bt], axis=1), window)
-
-
-def build_model(config, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None, **kwargs) -> CausalLM:
-    """GPT2 or Gemma3 for `config` (random initialisation; see `load_hf_causal_lm` for checkpoints)."""
     rngs = nnx.Rngs(0) if rngs is None else rngs
     if isinstance(config, GPT2Config):
         return GPT2(config, dtype=dtype, rngs=rngs, **kwargs)

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -45,7 +45,8 @@ LOGICAL_RULES: Rules = (
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh with Auto axes; one size may be -1 to take the remaining devices."""
+    """A (data, fsdp, tensor) mesh with Auto axes over `devices` (default: all); one size may be -1 to take the
+    remaining devices. Raises ValueError when the sizes do not multiply to the device count."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
@@ -74,7 +75,7 @@ def logical_to_spec(
 
     With `shape` and `mesh_shape`, a dimension whose size is not divisible by its mesh axes is left
     unsharded (tiny test models have odd sizes); mesh axes missing from `mesh_shape` are dropped.
-    A mesh axis is never used twice in one spec.
+    A mesh axis is never used twice in one spec. Raises ValueError for a logical name without a rule.
     """
     table = dict(rules)
     used: set[str] = set()
@@ -95,12 +96,15 @@ def logical_to_spec(
     return PartitionSpec(*out)
 
 
-def _mesh_shape(mesh: Any) -> dict[str, int]:
+def _mesh_shape(mesh: Mesh | AbstractMesh) -> dict[str, int]:
     return dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
 
 
-def constrain(x: jax.Array, axes: Sequence[str | None], mesh: Mesh | None = None, rules: Rules = LOGICAL_RULES):
-    """`with_sharding_constraint` by logical names; a no-op without a mesh (argument or `jax.set_mesh` context)."""
+def constrain(
+    x: jax.Array, axes: Sequence[str | None], mesh: Mesh | None = None, rules: Rules = LOGICAL_RULES
+) -> jax.Array:
+    """`with_sharding_constraint` of x by logical names, one per dimension of x (e.g. ("batch", "seq",
+    "act_embed") for [B, T, C]); returns x unchanged without a mesh (argument or `jax.set_mesh` context)."""
     if mesh is None:
         abstract = jax.sharding.get_abstract_mesh()
         if abstract.empty:
@@ -119,7 +123,7 @@ def variable_spec(var: nnx.Variable, mesh: Mesh, rules: Rules = LOGICAL_RULES) -
 
 
 def state_shardings(state: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Any:
-    """NamedSharding for every variable of an nnx State (abstract or concrete)."""
+    """The State's tree with a NamedSharding in place of every variable (abstract or concrete): jit out_shardings."""
     return jax.tree.map(
         lambda v: NamedSharding(mesh, variable_spec(v, mesh, rules)) if isinstance(v, nnx.Variable) else v,
         state,
@@ -136,12 +140,13 @@ def state_specs(state: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> dict[st
 
 
 def init_sharded(build: Callable[[], nnx.Module], mesh: Mesh, rules: Rules = LOGICAL_RULES) -> nnx.Module:
-    """Builds `build()` with every parameter created directly in its shard (no full copy on one device)."""
+    """Builds `build()` with every parameter created directly in its shard (no full copy on one device): shapes
+    come from `nnx.eval_shape`, then the state is made by a jit with the rule table's out_shardings."""
     abstract = nnx.eval_shape(build)
     graphdef, abstract_state = nnx.split(abstract)
     shardings = state_shardings(abstract_state, mesh, rules)
 
-    def make():
+    def make() -> nnx.State:
         return nnx.state(build())
 
     with jax.set_mesh(mesh):
