@@ -190,6 +190,7 @@ class AdaptedLM(nnx.Module):
 
     @property
     def mesh(self) -> Any:
+        """The backbone's device mesh (None without sharding)."""
         return self.backbone.mesh
 
     def readout(self, h: jax.Array) -> jax.Array:

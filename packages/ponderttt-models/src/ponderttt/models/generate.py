@@ -92,7 +92,7 @@ class GenerationResult:
     gate_scales: list[np.ndarray] = dataclasses.field(default_factory=list)
 
 
-def sample_logits(logits_bv, rng, temperature: float, top_p: float):
+def sample_logits(logits_bv: jax.Array, rng: jax.Array, temperature: float, top_p: float) -> jax.Array:
     """Next tokens [B] from float32 logits: argmax when temperature == 0, else temperature + nucleus sampling."""
     if temperature == 0:
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
@@ -179,8 +179,8 @@ def _backbone(model: CausalLM | AdaptedLM) -> CausalLM:
 
 def generate(
     model: CausalLM | AdaptedLM,
-    input_ids,
-    attention_mask=None,
+    input_ids: np.ndarray | jax.Array,
+    attention_mask: np.ndarray | jax.Array | None = None,
     config: GenerationConfig | None = None,
     *,
     gate: GateFn | None = None,
