@@ -10,37 +10,39 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from ponderttt.models import AdaptedLM, AdapterSpec, TTTControl, shard_model
+from ponderttt.models.adapter import TRAINABLE
 from ponderttt.train import corpus, distributed
-from ponderttt.train.backbone import EVAL_BATCHES
+from ponderttt.train.backbone import EVAL_BATCHES, lm_loss
 from ponderttt.train.checkpoint import Checkpointer, has_checkpoint
 from ponderttt.train.config import AdapterConfig, DataConfig, RunConfig
 from ponderttt.train.loop import train_loop
 from ponderttt.train.rundir import RunDir
+from ponderttt.ttt import TTTConfig
 
 ADAPTER_EXPORT = "adapter"  # outputs/<run>/adapter/: the trained adapter alone (no optimizer), for later stages
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "doc_start")
 
 
 def ttt_config(data: DataConfig, adapter: AdapterConfig, hidden_size: int) -> Any:
-    from ponderttt.ttt import TTTConfig
-
     return TTTConfig(hidden_size=hidden_size, num_heads=adapter.num_heads, mini_batch_size=data.mini_batch_size,
                      base_lr=adapter.base_lr, chunk_size=data.chunk_size)
 
 
 def attach(model: Any, data: DataConfig, adapter: AdapterConfig, mesh: Any, seed: int) -> Any:
     """The backbone `model` with the configured adapter at its head (an `AdaptedLM`), placed on the mesh."""
-    from ponderttt.models import AdaptedLM, AdapterSpec, shard_model
-
     spec = AdapterSpec(ttt_config(data, adapter, model.config.hidden_size), kind=adapter.kind, seed=seed + 1)
     return shard_model(AdaptedLM(model, spec), mesh)
 
 
 def chunk_losses(logits: Any, targets: Any, mask: Any, chunk_size: int) -> tuple[Any, Any]:
     """Per-chunk mean cross-entropy and unmasked token counts: ([B, N], [B, N]) from [B, T, V] logits."""
-    import jax.numpy as jnp
-    import optax
-
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     weights = mask.astype(jnp.float32)
     b, t = targets.shape
@@ -53,8 +55,6 @@ def forward(model: Any, batch: dict[str, Any], *, chunk_size: int, num_steps: in
             protocol: str) -> Any:
     """The adapted model on a batch with the gate's λ (`gating_scale`), inner steps and protocol: documents
     restart the fast weights where they start (doc_start)."""
-    from ponderttt.models import TTTControl
-
     control = TTTControl(scale=gating_scale, reset_mask=batch["doc_start"], num_steps=num_steps, protocol=protocol,
                          chunk_size=chunk_size)
     return model(batch["input_ids"], ttt=control)
@@ -62,10 +62,6 @@ def forward(model: Any, batch: dict[str, Any], *, chunk_size: int, num_steps: in
 
 def objective(model: Any, batch: dict[str, Any], *, data: DataConfig, adapter: AdapterConfig) -> tuple[Any, dict]:
     """L = L_CE + β · L_TTT for the training UPDATE_k; returns (L, metrics)."""
-    import jax.numpy as jnp
-
-    from ponderttt.train.backbone import lm_loss
-
     out = forward(model, batch, chunk_size=data.chunk_size, num_steps=adapter.update_steps, gating_scale=None,
                   protocol=adapter.protocol)
     ce = lm_loss(out.logits, batch["targets"], batch["loss_mask"])
@@ -79,10 +75,6 @@ def export_dir(run_dir: RunDir) -> pathlib.Path:
 
 def load_adapter(model: Any, run_dir: RunDir) -> Any:
     """Writes the run's trained adapter (from `ttt`) into `model`, which already has an untrained one."""
-    from flax import nnx
-
-    from ponderttt.models.adapter import TRAINABLE
-
     folder = export_dir(run_dir)
     graphdef, trainable, rest = nnx.split(model, TRAINABLE, ...)
     with Checkpointer(folder, keep=1, async_save=False) as ckpt:
@@ -94,13 +86,6 @@ def load_adapter(model: Any, run_dir: RunDir) -> Any:
 def train_adapter(*, run: RunConfig, data: DataConfig, adapter: AdapterConfig, run_dir: RunDir, mesh: Any,
                   tok: Any, model: Any) -> dict[str, float]:
     """Trains the adapter of `model` (already attached) and exports it to outputs/<run>/adapter/."""
-    import jax
-    import numpy as np
-    import optax
-    from flax import nnx
-
-    from ponderttt.models.adapter import TRAINABLE
-
     if run.resume and has_checkpoint(export_dir(run_dir)):  # the stage already finished in this run
         load_adapter(model, run_dir)
         return {"cached": 1.0}
@@ -123,8 +108,6 @@ def train_adapter(*, run: RunConfig, data: DataConfig, adapter: AdapterConfig, r
 
     @jax.jit
     def eval_step(params: Any, batch: dict[str, Any]) -> dict[str, Any]:
-        from ponderttt.train.backbone import lm_loss
-
         m = nnx.merge(graphdef, params, rest)
         losses = {}
         for name, scale in (("skip", 0.0), ("update", 1.0)):

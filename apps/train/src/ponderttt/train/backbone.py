@@ -8,6 +8,13 @@ import dataclasses
 import pathlib
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from ponderttt.models import GPT2, GPT2Config, init_sharded, load_hf_causal_lm
 from ponderttt.train import corpus, distributed
 from ponderttt.train.checkpoint import Checkpointer, has_checkpoint
 from ponderttt.train.config import BackboneConfig, DataConfig, PlatformConfig, RunConfig
@@ -19,17 +26,12 @@ EVAL_BATCHES = 2
 
 def lm_loss(logits: Any, targets: Any, mask: Any) -> Any:
     """Mean next-token cross-entropy over the positions where `mask` is true (float32)."""
-    import jax.numpy as jnp
-    import optax
-
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     weights = mask.astype(jnp.float32)
     return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def gpt2_config(data: DataConfig, backbone: BackboneConfig, vocab_size: int) -> Any:
-    from ponderttt.models import GPT2Config
-
     return GPT2Config(vocab_size=vocab_size, n_positions=data.seq_len, n_embd=backbone.n_embd,
                       n_layer=backbone.n_layer, n_head=backbone.n_head)
 
@@ -51,11 +53,6 @@ def remat_name(platform: PlatformConfig) -> str | None:
 
 def build_gpt2(config: Any, platform: PlatformConfig, mesh: Any, seed: int) -> Any:
     """A randomly initialised in-house GPT-2, created directly in its shards."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from ponderttt.models import GPT2, init_sharded
-
     dtype = jnp.dtype(platform.dtype)
     return init_sharded(lambda: GPT2(config, dtype=dtype, rngs=nnx.Rngs(seed), mesh=mesh,
                                      remat=remat_name(platform)), mesh)
@@ -63,10 +60,6 @@ def build_gpt2(config: Any, platform: PlatformConfig, mesh: Any, seed: int) -> A
 
 def load_cached(folder: pathlib.Path, platform: PlatformConfig, mesh: Any) -> Any:
     """The in-house GPT-2 saved by `pretrain` in `folder`."""
-    from flax import nnx
-
-    from ponderttt.models import GPT2Config
-
     with Checkpointer(folder, keep=1, async_save=False) as ckpt:
         step = ckpt.latest_step()
         meta = ckpt.read_meta(step)
@@ -78,10 +71,6 @@ def load_cached(folder: pathlib.Path, platform: PlatformConfig, mesh: Any) -> An
 
 def load_backbone(backbone: BackboneConfig, platform: PlatformConfig, mesh: Any, cached: pathlib.Path | None) -> Any:
     """The backbone of a run: `--backbone.path` (HF), else the cached in-house GPT-2 in `cached`."""
-    import jax.numpy as jnp
-
-    from ponderttt.models import load_hf_causal_lm
-
     if backbone.path is not None:
         folder = require_backbone_dir(backbone.path)
         return load_hf_causal_lm(folder, dtype=jnp.dtype(platform.dtype), mesh=mesh)
@@ -93,11 +82,6 @@ def load_backbone(backbone: BackboneConfig, platform: PlatformConfig, mesh: Any,
 def pretrain(*, run: RunConfig, platform: PlatformConfig, data: DataConfig, backbone: BackboneConfig,
              run_dir: RunDir, mesh: Any, tok: Any) -> tuple[pathlib.Path, dict[str, float]]:
     """Pretrains the in-house GPT-2 (or finds it in the cache); returns (cache folder, final metrics)."""
-    import jax
-    import numpy as np
-    import optax
-    from flax import nnx
-
     folder = cached_backbone_dir(run, data, backbone, tok.name)
     if has_checkpoint(folder):
         return folder, {"cached": 1.0}

@@ -16,8 +16,14 @@ import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from ponderttt.gating import NUM_STEPS, FeatureExtractor, FeatureInputs, GateInput, make_gate
+from ponderttt.gating.features import reset_sequences
+from ponderttt.models import TTTControl
 from ponderttt.train import distributed
 from ponderttt.train.adapter import BATCH_KEYS, chunk_losses
 from ponderttt.train.compare import UPDATE_ACTION, HeldOut, make_method_gate, method_budgets, method_record
@@ -36,9 +42,6 @@ def _check_head_only(model: Any) -> None:
 @functools.lru_cache(maxsize=16)
 def _hidden_pass(graphdef: Any) -> Any:
     """Jitted: the frozen backbone's final hidden states [B, T, C] (they do not depend on the head adapter)."""
-    import jax
-    from flax import nnx
-
     return jax.jit(lambda state, ids: nnx.merge(graphdef, state).backbone.hidden(ids).h)
 
 
@@ -46,11 +49,6 @@ def _hidden_pass(graphdef: Any) -> Any:
 def _adapter_pass(graphdef: Any, chunk_size: int, steps: int) -> Any:
     """Jitted: the chunk step at the head from the carried fast weights, with λ [B] and `steps` inner steps:
     (loss, tokens, new fast weights, logits, reconstruction loss at the initial weights, at step 0)."""
-    import jax
-    from flax import nnx
-
-    from ponderttt.models import TTTControl
-
     @jax.jit
     def run(state: Any, h: Any, fast: Any, lam: Any, starts: Any, targets: Any, mask: Any) -> Any:
         m = nnx.merge(graphdef, state)
@@ -68,11 +66,6 @@ def _adapter_pass(graphdef: Any, chunk_size: int, steps: int) -> Any:
 @functools.lru_cache(maxsize=4)
 def _features_pass(chunk_size: int) -> Any:
     """Jitted: one chunk's gate features from the carried feature state (reset where a document starts)."""
-    import jax
-
-    from ponderttt.gating import FeatureExtractor, FeatureInputs
-    from ponderttt.gating.features import reset_sequences
-
     extractor = FeatureExtractor()
 
     @jax.jit
@@ -86,12 +79,6 @@ def _features_pass(chunk_size: int) -> Any:
 def roll_out_carry(model: Any, gate: Any, batches: Sequence[dict[str, Any]], *, data: DataConfig, mesh: Any,
                    seed: int) -> dict[str, np.ndarray]:
     """One method under carry: {"loss", "actions" (or absent), "scales", "tokens"} as [B_total, N] arrays."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from ponderttt.gating import NUM_STEPS, FeatureExtractor, GateInput
-
     _check_head_only(model)
     c = data.chunk_size
     extractor = FeatureExtractor()
@@ -182,6 +169,4 @@ def compare_carry(model: Any, batches: Sequence[dict[str, Any]], held: HeldOut, 
 def make_method_gate_batch_oracle(budget: float) -> Any:
     """Under carry the whole [B, N] advantage table is not known in order: the oracle picks, in every chunk, the
     round(budget · B) sequences whose myopic gain (from the carried state) is largest."""
-    from ponderttt.gating import make_gate
-
     return make_gate("oracle:batch", rate=budget)

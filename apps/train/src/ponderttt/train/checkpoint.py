@@ -16,6 +16,10 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
 STATE = "state"
 META = "meta"
 
@@ -30,8 +34,6 @@ class Checkpointer:
     """`CheckpointManager` for one stage's directory with a dict-of-pytrees state and a JSON meta item."""
 
     def __init__(self, directory: str | pathlib.Path, *, keep: int = 3, async_save: bool = True) -> None:
-        import orbax.checkpoint as ocp
-
         self._ocp = ocp
         self.directory = pathlib.Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
@@ -51,8 +53,6 @@ class Checkpointer:
 
     def restore(self, template: dict[str, Any], step: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
         """(state, meta) of `step` (default: the latest), with the structure, dtypes and shardings of `template`."""
-        import jax
-
         ocp = self._ocp
         step = self.latest_step() if step is None else step
         if step is None:
@@ -87,8 +87,6 @@ class Checkpointer:
 
 def key_to_data(key: Any) -> Any:
     """A jax PRNG key as a plain uint32 array (typed key arrays are not checkpointable as such)."""
-    import jax
-
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         return jax.random.key_data(key)
     return key
@@ -96,22 +94,16 @@ def key_to_data(key: Any) -> Any:
 
 def data_to_key(data: Any) -> Any:
     """Inverse of `key_to_data` for the default PRNG implementation."""
-    import jax
-
     return jax.random.wrap_key_data(data)
 
 
 def nnx_tree(node: Any) -> dict[str, Any]:
     """The arrays of an NNX module or optimizer as a pure nested dict, ready for `Checkpointer.save`."""
-    from flax import nnx
-
     return nnx.to_pure_dict(nnx.state(node))
 
 
 def nnx_load(node: Any, tree: dict[str, Any]) -> None:
     """Writes a pure dict from `nnx_tree` (e.g. a restored checkpoint) back into the module or optimizer."""
-    from flax import nnx
-
     state = nnx.state(node)
     nnx.replace_by_pure_dict(state, tree)
     nnx.update(node, state)

@@ -104,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     if args and args[0] == "--version":
         print(f"ponderttt-train {importlib.metadata.version('ponderttt-train')}")
         return 0
-    from ponderttt.train.stages import run_command
-
     try:
-        command, preset_name, config = parse(args)
+        command, preset_name, config = parse(args)  # `--help` exits here, before jax is imported
+        from ponderttt.train.stages import run_command
+
         return run_command(command, preset_name, config)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

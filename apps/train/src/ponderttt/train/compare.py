@@ -21,9 +21,13 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from ponderttt.eval import summarize_method
 from ponderttt.eval.protocol import ACTION_NAMES, UPDATE_ACTION
+from ponderttt.gating import GateInput, GateOutput, action_to_gating_scale, budget_count, make_gate, top_k_mask
 from ponderttt.train.config import FIXED_METHODS, TRAINABLE_GATES
 
 # results.json method name -> gating registry spec (learned gates come from their checkpoints instead)
@@ -67,15 +71,19 @@ class HeldOut:
         """loss(SKIP) − loss(UPDATE_1) per chunk: non-causal, only the oracle reads it."""
         return self.loss[..., 0] - self.loss[..., UPDATE_ACTION]
 
+    def per_document(self, loss: np.ndarray) -> np.ndarray:
+        """[D] token-weighted mean of a per-chunk loss [B, N] over each document's chunks (sorted document ids):
+        the unit a paired comparison resamples."""
+        order = np.unique(self.documents.reshape(-1), return_inverse=True)[1]
+        weights = self.tokens.reshape(-1)
+        return np.bincount(order, loss.reshape(-1) * weights) / np.maximum(np.bincount(order, weights), 1)
+
 
 def update_score(gate: Any, inputs: Any, out: Any) -> Any:
     """[B] how strongly a causal gate wants to update this chunk: higher updates first under `TopKBudget`.
 
     Reconstruction gates: the step-0 reconstruction loss (negated when inverted); gates with action logits
     (gumbel, ppo): log P(any update) − log P(SKIP); continuous gates: their scale λ."""
-    import jax
-    import jax.numpy as jnp
-
     if "logits" in out.aux:
         logits = out.aux["logits"]
         actions = tuple(getattr(gate.cfg, "actions", range(logits.shape[-1])))
@@ -98,8 +106,6 @@ class TopKBudget:
     causal = True
 
     def __init__(self, gate: Any, rate: float) -> None:
-        from ponderttt.gating import budget_count
-
         budget_count(rate, 1)  # validates the rate
         self.gate, self.rate, self.kind = gate, float(rate), gate.kind
 
@@ -107,10 +113,6 @@ class TopKBudget:
         return self.gate.init_state(batch_size)
 
     def __call__(self, inputs: Any, state: Any, key: Any = None, *, train: bool = False) -> Any:
-        import jax.numpy as jnp
-
-        from ponderttt.gating import GateOutput, action_to_gating_scale, budget_count, top_k_mask
-
         out = self.gate(inputs, state, key, train=False)
         score = update_score(self.gate, inputs, out)
         chosen = top_k_mask(score, budget_count(self.rate, score.shape[0]))
@@ -125,8 +127,6 @@ def make_method_gate(method: str, budget: float | None, calibration_signal: np.n
                      trained: Mapping[str, Any]) -> Any:
     """The gate that plays `method` at `budget` (learned gates: the trained ones in `trained`; budget None plays
     a learned gate's own decisions)."""
-    from ponderttt.gating import make_gate
-
     if method in TRAINABLE_GATES:
         if method not in trained:
             raise KeyError(f"method {method!r} needs a trained gate; trained: {sorted(trained)}")
@@ -147,11 +147,6 @@ def roll_out(gate: Any, held: HeldOut, *, seed: int) -> tuple[np.ndarray | None,
     """The gate's decisions over the chunks in order: (actions [B, N] or None for continuous gates, λ [B, N]).
 
     One jitted scan over the chunks; the gate's state (thresholds, budget trackers) carries from chunk to chunk."""
-    import jax
-    import jax.numpy as jnp
-
-    from ponderttt.gating import GateInput
-
     b, n = held.tokens.shape
     advantage = jnp.asarray(held.advantage, jnp.float32)
     features = jnp.asarray(np.swapaxes(held.features, 0, 1), jnp.float32)  # [N, B, F]
@@ -177,8 +172,6 @@ def method_record(method: str, budget: float | None, protocol: str, held: HeldOu
                   cost_table: Any = None, n_resamples: int = 1000, seed: int = 0,
                   extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A results.json record: the method's per-chunk losses with its decisions, on `held`'s chunks."""
-    from ponderttt.eval import summarize_method
-
     def flat(a: Any) -> np.ndarray:
         return np.asarray(a).reshape(-1)
 

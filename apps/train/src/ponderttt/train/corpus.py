@@ -12,7 +12,21 @@ import dataclasses
 import pathlib
 from typing import Any
 
+import jax
+import numpy as np
+
+from ponderttt.data import (
+    BPEConfig,
+    FileTreeSource,
+    PackingConfig,
+    PipelineConfig,
+    SplitConfig,
+    build_pipeline,
+    stdlib_source,
+    train_bpe_on_source,
+)
 from ponderttt.train.config import ConfigError, DataConfig
+from ponderttt.train.distributed import process_rows
 from ponderttt.train.rundir import CACHE_DIR
 
 HELD_OUT_SHARE = 8  # with --data.max-files N, each held-out split keeps max(4, N // 8) files
@@ -39,15 +53,11 @@ class Subset:
 
 
 def split_config(data: DataConfig) -> Any:
-    from ponderttt.data import SplitConfig
-
     return SplitConfig(val_fraction=data.val_fraction, test_fraction=data.test_fraction)
 
 
 def source(data: DataConfig, split: str) -> Any:
     """The files of `split` ("train", "val", "test") of the configured corpus."""
-    from ponderttt.data import FileTreeSource, stdlib_source
-
     if data.corpus == "stdlib":
         files = stdlib_source(split, split_config=split_config(data))
     else:
@@ -66,8 +76,6 @@ def source(data: DataConfig, split: str) -> Any:
 
 def tokenizer(data: DataConfig, output_dir: str | pathlib.Path) -> Any:
     """The byte-level BPE trained on the training split, cached under `<output_dir>/cache/tokenizers/`."""
-    from ponderttt.data import BPEConfig, train_bpe_on_source
-
     return train_bpe_on_source(source(data, "train"), BPEConfig(vocab_size=data.vocab_size),
                                cache_dir=pathlib.Path(output_dir) / CACHE_DIR)
 
@@ -75,8 +83,6 @@ def tokenizer(data: DataConfig, output_dir: str | pathlib.Path) -> Any:
 def pipeline_config(data: DataConfig, *, seed: int, forever: bool, shuffle: bool, batch_size: int,
                     shard_index: int = 0, shard_count: int = 1) -> Any:
     """Pipeline settings of one stream: files `shard_index::shard_count` of the split, batches of `batch_size`."""
-    from ponderttt.data import PackingConfig, PipelineConfig
-
     return PipelineConfig(packing=PackingConfig(seq_len=data.seq_len, chunk_size=data.chunk_size),
                           batch_size=batch_size, seed=seed, shuffle=shuffle, num_epochs=None if forever else 1,
                           shard_index=shard_index, shard_count=shard_count)
@@ -103,8 +109,6 @@ class RowStreams:
     """
 
     def __init__(self, data: DataConfig, tok: Any, split: str, *, seed: int, rows: slice) -> None:
-        from ponderttt.data import build_pipeline
-
         files = source(data, split)
         if len(files) < data.batch_size:
             raise ConfigError(f"--data.batch-size={data.batch_size}: each row of the global batch reads its own "
@@ -117,8 +121,6 @@ class RowStreams:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        import numpy as np
-
         parts = [next(stream) for stream in self._streams]
         return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
@@ -140,10 +142,6 @@ def batches(data: DataConfig, tok: Any, split: str, *, seed: int, forever: bool,
     row (`RowStreams`); held-out streams are read once, in full by every process (they are small), each keeping
     its rows (shuffled by file with `seed` when `shuffle`, so a few batches span many files). Either way the
     global batches do not depend on the process count."""
-    import jax
-
-    from ponderttt.train.distributed import process_rows
-
     rows = process_rows(data.batch_size, jax.process_index(), jax.process_count())
     if forever:
         return RowStreams(data, tok, split, seed=seed, rows=rows)
@@ -155,8 +153,6 @@ def batches(data: DataConfig, tok: Any, split: str, *, seed: int, forever: bool,
 
 def global_batches(data: DataConfig, tok: Any, split: str, *, seed: int, shuffle: bool) -> Any:
     """A Grain IterDataset of the whole global batches of one pass over `split`."""
-    from ponderttt.data import build_pipeline
-
     config = pipeline_config(data, seed=seed, forever=False, shuffle=shuffle, batch_size=data.batch_size)
     return build_pipeline(source(data, split), tok, config)
 

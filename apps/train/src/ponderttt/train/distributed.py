@@ -9,6 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
 from ponderttt.train.config import ConfigError, MeshConfig, PlatformConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -17,8 +22,6 @@ BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both data-par
 
 def initialize(platform: PlatformConfig) -> None:
     """Joins the multi-process run the config describes (no-op for distributed=off). Call before any jax work."""
-    import jax
-
     if platform.distributed == "off":
         return
     if platform.cpu_collectives == "gloo":
@@ -32,9 +35,6 @@ def initialize(platform: PlatformConfig) -> None:
 
 def make_mesh(mesh: MeshConfig, devices: Any = None) -> Any:
     """A `jax.sharding.Mesh` with axes (data, fsdp, tensor) shaped by `mesh` over all (or the given) devices."""
-    import jax
-    from jax.sharding import AxisType
-
     devices = jax.devices() if devices is None else list(devices)
     shape = mesh.resolve(len(devices))
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
@@ -42,14 +42,10 @@ def make_mesh(mesh: MeshConfig, devices: Any = None) -> Any:
 
 def batch_sharding(mesh: Any) -> Any:
     """Sharding of a [batch, ...] array: rows split over (data, fsdp), the rest replicated."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
 def replicated(mesh: Any) -> Any:
-    from jax.sharding import NamedSharding, PartitionSpec
-
     return NamedSharding(mesh, PartitionSpec())
 
 
@@ -59,9 +55,6 @@ def on_mesh(tree: Any, mesh: Any) -> Any:
     A training step returns its state on the mesh; giving it an initial state laid out the same way keeps jit
     from compiling the step a second time on the second call (and lets a multi-process run pass it at all).
     """
-    import jax
-    from jax.sharding import NamedSharding
-
     target = replicated(mesh)
 
     def place(leaf: Any) -> Any:
@@ -75,9 +68,6 @@ def on_mesh(tree: Any, mesh: Any) -> Any:
 
 def mesh_of(tree: Any) -> Any:
     """The mesh of the first array in `tree` laid out by a NamedSharding (None when there is none)."""
-    import jax
-    from jax.sharding import NamedSharding
-
     for leaf in jax.tree.leaves(tree):
         sharding = getattr(leaf, "sharding", None)
         if isinstance(sharding, NamedSharding):
@@ -96,8 +86,6 @@ def process_rows(global_batch_size: int, process_index: int, process_count: int)
 
 def global_batch(local_rows: Any, mesh: Any, global_batch_size: int) -> Any:
     """One global jax array [global_batch_size, ...] from this process's rows (numpy), sharded by `batch_sharding`."""
-    import jax
-
     shape = (global_batch_size, *local_rows.shape[1:])
     return jax.make_array_from_process_local_data(batch_sharding(mesh), local_rows, shape)
 
@@ -107,13 +95,8 @@ def to_host(tree: Any) -> Any:
     processes (e.g. per-sequence results of a batch split over hosts) is gathered from all of them first.
 
     A collective when the run has several processes: every process must call it, in the same order."""
-    import jax
-    import numpy as np
-
     def fetch(leaf: Any) -> Any:
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            from jax.experimental import multihost_utils
-
             return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
         return np.asarray(jax.device_get(leaf))
 
@@ -122,7 +105,5 @@ def to_host(tree: Any) -> Any:
 
 def say(message: str) -> None:
     """Prints `message` once per run: on process 0."""
-    import jax
-
     if jax.process_index() == 0:
         print(message, flush=True)

@@ -39,13 +39,18 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from ponderttt.eval.benchmarks import tasks
 from ponderttt.eval.benchmarks.tasks import Task, score
+from ponderttt.eval.execution import ALLOW_ENV_VAR
 from ponderttt.eval.stats import mean_ci, paired_difference_ci
 from ponderttt.gating import GenerationGate, make_gate
-from ponderttt.train import corpus
+from ponderttt.models.generate import GenerationConfig, generate
+from ponderttt.train import corpus, heldout
+from ponderttt.train.backbone import EVAL_BATCHES
 from ponderttt.train.config import ConfigError, EvaluateConfig, to_dict
 from ponderttt.train.distributed import say
 from ponderttt.train.rundir import RunDir
@@ -80,10 +85,21 @@ def load_task(name: str, directory: str | pathlib.Path, *, max_problems: int | N
         raise ConfigError(f"--evaluate.{error}" if str(error).startswith("shots=") else str(error)) from None
 
 
+def check_benchmarks(ev: EvaluateConfig) -> None:
+    """Every benchmark file is present and code execution is allowed: a ConfigError naming the flag before
+    anything is trained or generated."""
+    if ev.benchmark_dir is None:
+        raise ConfigError("`evaluate` needs --evaluate.benchmark-dir DIR with <benchmark>.jsonl files (e.g. "
+                          "DIR/humaneval.jsonl, DIR/gsm8k.jsonl)")
+    if not pathlib.Path(ev.benchmark_dir).is_dir():
+        raise ConfigError(f"--evaluate.benchmark-dir={ev.benchmark_dir}: missing directory")
+    for name in ev.benchmarks:
+        benchmark_file(ev.benchmark_dir, name)
+    require_code_consent(ev.benchmarks)
+
+
 def require_code_consent(names: Sequence[str]) -> None:
     """A ConfigError before anything is generated when a benchmark would run code without the user's consent."""
-    from ponderttt.eval.execution import ALLOW_ENV_VAR
-
     running = tasks.code_benchmarks(names)
     if running and os.environ.get(ALLOW_ENV_VAR) != "1":
         raise ConfigError(f"--evaluate.benchmarks {' '.join(running)} run model-written code in a sandbox (not a "
@@ -176,8 +192,6 @@ def generate_completions(model: Any, tok: Any, prompts: Sequence[str], runner: G
     (`padded_length`: few compiled shapes; a multiple of the mini-batch, so a prompt's TTT mini-batches end
     where it ends whatever the padding), and a short last batch is filled with copies of its first prompt
     that are neither counted nor returned. `timings` receives (seconds, generated tokens) per batch."""
-    from ponderttt.models.generate import GenerationConfig, generate
-
     mini_batch = model.ttt_config.mini_batch_size
     limit = prompt_limit(model, max_new_tokens, mini_batch)
     token_stops = stop_token_sequences(tok, stops)
@@ -218,9 +232,6 @@ def generate_completions(model: Any, tok: Any, prompts: Sequence[str], runner: G
 
 def calibration_signal(config: Any, tok: Any, model: Any, mesh: Any) -> np.ndarray:
     """Probe (step-0 reconstruction) losses of the validation split's chunks under SKIP, as `compare` uses."""
-    from ponderttt.train import heldout
-    from ponderttt.train.backbone import EVAL_BATCHES
-
     batches = corpus.fixed_batches(config.data, tok, "val", EVAL_BATCHES)
     held, _ = heldout.evaluate_held_out(model, batches, data=config.data, mesh=mesh,
                                         language=corpus.language(config.data), skip_only=True)
@@ -238,8 +249,6 @@ def evaluate_task(model: Any, tok: Any, task: Task, method: str, runner: Generat
 
     The record's `value` is the mean pass rate over problems (one greedy sample each: pass@1 / accuracy) with a
     95% bootstrap CI over problems; `tokens_per_s` leaves out the first batch (compilation)."""
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=len(task.prompts), desc=f"evaluate {task.name} / {method}", unit="problem",
                disable=not progress, leave=False)
     started = time.perf_counter()
@@ -289,25 +298,16 @@ def run_evaluate(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, 
     evaluate.md and evaluate_samples.jsonl into the run directory (process 0) and returns the summary.
 
     `calibration`: the recon gate's calibration signal; default: the validation split's probe losses."""
-    import jax
-
     ev: EvaluateConfig = config.evaluate
-    if ev.benchmark_dir is None:
-        raise ConfigError("`evaluate` needs --evaluate.benchmark-dir DIR with <benchmark>.jsonl files (e.g. "
-                          "DIR/humaneval.jsonl, DIR/gsm8k.jsonl)")
-    if not pathlib.Path(ev.benchmark_dir).is_dir():
-        raise ConfigError(f"--evaluate.benchmark-dir={ev.benchmark_dir}: missing directory")
-    for name in ev.benchmarks:  # every file before any generation
-        benchmark_file(ev.benchmark_dir, name)
-    require_code_consent(ev.benchmarks)
-    tasks = [load_task(name, ev.benchmark_dir, max_problems=ev.max_problems, shots=ev.shots, seed=config.run.seed)
+    check_benchmarks(ev)
+    loaded = [load_task(name, ev.benchmark_dir, max_problems=ev.max_problems, shots=ev.shots, seed=config.run.seed)
              for name in ev.benchmarks]
     chunk_size = config.data.chunk_size
     if "recon" in ev.gates and ev.budget < 1.0 and calibration is None:
         calibration = calibration_signal(config, tok, model, mesh)
     progress = config.run.progress and jax.process_index() == 0
     records, samples = [], []
-    for task in tasks:  # the model's parameters carry their shardings; `generate` needs no mesh context
+    for task in loaded:  # the model's parameters carry their shardings; `generate` needs no mesh context
         passed: dict[str, np.ndarray] = {}
         for method in sorted(ev.gates, key=lambda g: g != "skip"):  # skip first: the others are paired with it
             runner = gate_runner(method, budget=ev.budget, calibration_signal=calibration, seed=config.run.seed)
@@ -339,7 +339,7 @@ def run_evaluate(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, 
             "source": "validation split: probe losses of the SKIP pass", "chunk_size": chunk_size,
             "n_chunks": int(np.size(calibration)), "budget": ev.budget,
             "initial_threshold": float(np.quantile(np.asarray(calibration, np.float64), 1.0 - ev.budget))},
-        "benchmarks": {t.name: {"file": t.source, "n_problems": len(t.problems), "shots": t.shots} for t in tasks},
+        "benchmarks": {t.name: {"file": t.source, "n_problems": len(t.problems), "shots": t.shots} for t in loaded},
         "results": records,
     }
     if jax.process_index() == 0:

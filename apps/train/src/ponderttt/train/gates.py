@@ -24,10 +24,31 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from ponderttt.gating import (
+    UPDATE_1,
+    CostTable,
+    FeatureExtractor,
+    GateInput,
+    PIDConfig,
+    PPOLearner,
+    build_ppo_batch,
+    continuous_gate_loss,
+    make_gate,
+    pid_init,
+    pid_update,
+)
 from ponderttt.train import corpus, distributed
 from ponderttt.train.adapter import BATCH_KEYS, forward
+from ponderttt.train.backbone import lm_loss
 from ponderttt.train.checkpoint import Checkpointer, data_to_key, has_checkpoint, key_to_data
 from ponderttt.train.config import TRAINABLE_GATES, DataConfig, GateConfig, RunConfig
+from ponderttt.train.heldout import ACTION_PASSES, skip_outputs, update_outputs
 from ponderttt.train.loop import train_loop
 from ponderttt.train.rundir import RunDir
 
@@ -38,17 +59,11 @@ def export_dir(run_dir: RunDir, name: str) -> pathlib.Path:
 
 def unit_cost() -> float:
     """Normalised published cost of one UPDATE_1: the unit of the PPO budget in normalised costs."""
-    from ponderttt.gating import UPDATE_1, CostTable
-
     return float(CostTable.published().normalised(UPDATE_1))
 
 
 def build_gate(name: str, gate: GateConfig, seed: int) -> Any:
     """A fresh (untrained) gate `name` configured for `gate.budget`."""
-    from flax import nnx
-
-    from ponderttt.gating import FeatureExtractor, PIDConfig, make_gate
-
     if name not in TRAINABLE_GATES:
         raise ValueError(f"gate {name!r} has no trainer; trainable gates: {', '.join(TRAINABLE_GATES)}")
     common = {"rngs": nnx.Rngs(seed + 2), "num_features": FeatureExtractor().num_features}
@@ -64,10 +79,6 @@ def build_gate(name: str, gate: GateConfig, seed: int) -> Any:
 def skip_pass(model: Any, batch: dict[str, Any], chunk_size: int) -> tuple[Any, Any, Any]:
     """(features [B, N, F], step-0 reconstruction loss [B, N], SKIP loss [B, N]) from one SKIP pass: what a
     causal gate may read, and the no-update loss."""
-    import jax
-
-    from ponderttt.train.heldout import skip_outputs
-
     out = skip_outputs(model, batch, chunk_size)
     return jax.lax.stop_gradient((out["features"], out["signal"], out["loss"]))
 
@@ -79,8 +90,6 @@ def skip_features(model: Any, batch: dict[str, Any], chunk_size: int) -> tuple[A
 
 def load_gate(name: str, gate: GateConfig, run_dir: RunDir, seed: int) -> Any:
     """The trained gate `name` of the run (exported by `train_gate`)."""
-    from flax import nnx
-
     module = build_gate(name, gate, seed)
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     with Checkpointer(export_dir(run_dir, name), keep=1, async_save=False) as ckpt:
@@ -92,10 +101,6 @@ def train_gate(name: str, *, run: RunConfig, data: DataConfig, gate: GateConfig,
                tok: Any, model: Any, beta: float = 0.0) -> tuple[Any, dict[str, float]]:
     """Trains gate `name` against `gate.budget`; returns (the trained gate, final metrics). `beta` weighs L_TTT
     in the continuous gate's loss."""
-    import jax
-    import numpy as np
-    from flax import nnx
-
     if run.resume and has_checkpoint(export_dir(run_dir, name)):
         return load_gate(name, gate, run_dir, run.seed), {"cached": 1.0}
     module = build_gate(name, gate, run.seed)
@@ -123,14 +128,6 @@ def train_gate(name: str, *, run: RunConfig, data: DataConfig, gate: GateConfig,
 def _differentiable_trainer(name: str, graphdef: Any, params: Any, rest: Any, *, data: DataConfig, gate: GateConfig,
                             model: Any, seed: int, beta: float) -> tuple[dict[str, Any], Any]:
     """Gumbel and continuous: the task loss backpropagates through λ into the gate; PID multiplier on mean(λ)."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
-
-    from ponderttt.gating import GateInput, PIDConfig, continuous_gate_loss, pid_init, pid_update
-    from ponderttt.train.backbone import lm_loss
-
     m_graphdef, m_state = nnx.split(model)
     pid_cfg = PIDConfig(cost_limit=gate.budget)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(gate.lr))
@@ -176,11 +173,6 @@ def _differentiable_trainer(name: str, graphdef: Any, params: Any, rest: Any, *,
 
 def action_losses(model: Any, batch: dict[str, Any], chunk_size: int) -> tuple[Any, Any]:
     """(features [B, N, F], loss [B, N, 4] under SKIP, UPDATE_1, UPDATE_2, UPDATE_4): one pass per action."""
-    import jax
-    import jax.numpy as jnp
-
-    from ponderttt.train.heldout import ACTION_PASSES, update_outputs
-
     features, _, skip_loss = skip_pass(model, batch, chunk_size)
     losses = [skip_loss] + [update_outputs(model, batch, chunk_size, k)[0] for _, k in ACTION_PASSES[1:]]
     return features, jax.lax.stop_gradient(jnp.stack(losses, axis=-1))
@@ -188,12 +180,6 @@ def action_losses(model: Any, batch: dict[str, Any], chunk_size: int) -> tuple[A
 
 def _ppo_trainer(module: Any, *, data: DataConfig, model: Any, seed: int) -> tuple[dict[str, Any], Any]:
     """PPO-Lagrangian on one-chunk episodes (reset protocol): reward loss(SKIP) − loss(action), normalised cost."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from ponderttt.gating import CostTable, GateInput, PPOLearner, build_ppo_batch
-
     learner = PPOLearner(module.cfg)
     graphdef, train_state = learner.init(module)
     m_graphdef, m_state = nnx.split(model)

@@ -13,9 +13,15 @@ import functools
 import time
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from ponderttt.eval import AdapterSpec, BackboneSpec, build_cost_table
 from ponderttt.eval.protocol import ACTION_NAMES, ACTION_STEPS
+from ponderttt.gating import FeatureExtractor, FeatureInputs, entropy_and_confidence
+from ponderttt.gating.features import reset_sequences
 from ponderttt.train import distributed
 from ponderttt.train.adapter import BATCH_KEYS, chunk_losses, forward
 from ponderttt.train.compare import HeldOut
@@ -28,8 +34,6 @@ ACTION_PASSES = tuple((0.0, 1) if k == 0 else (1.0, k) for k in ACTION_STEPS)
 def cost_table(model_config: Any, data: DataConfig, adapter: AdapterConfig,
                wall_clock_s: dict[str, float] | None = None) -> Any:
     """The eval package's per-action cost table for this backbone and adapter (FLOPs, published, wall-clock)."""
-    from ponderttt.eval import AdapterSpec, BackboneSpec, build_cost_table
-
     cfg = model_config  # a ponderttt.models.ModelConfig
     spec = BackboneSpec(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_heads=cfg.num_heads,
                         vocab_size=cfg.vocab_size, seq_len=data.seq_len, chunk_size=data.chunk_size,
@@ -43,12 +47,6 @@ def cost_table(model_config: Any, data: DataConfig, adapter: AdapterConfig,
 
 def _features(logits: Any, stats: Any, mask: Any, doc_start: Any, chunk_size: int) -> Any:
     """[B, N, F] gate features, chunk by chunk (EMAs carried within a document, reset where one starts)."""
-    import jax
-    import jax.numpy as jnp
-
-    from ponderttt.gating import FeatureExtractor, FeatureInputs
-    from ponderttt.gating.features import reset_sequences
-
     extractor = FeatureExtractor()
     b, t, v = logits.shape
     n = t // chunk_size
@@ -91,27 +89,18 @@ def update_outputs(model: Any, batch: dict[str, Any], chunk_size: int, steps: in
 @functools.lru_cache(maxsize=16)
 def _skip_pass(graphdef: Any, chunk_size: int) -> Any:
     """`skip_outputs` jitted for a model structure (cached: every command and roll-out reuses one compilation)."""
-    import jax
-    from flax import nnx
-
     return jax.jit(lambda state, batch: skip_outputs(nnx.merge(graphdef, state), batch, chunk_size))
 
 
 @functools.lru_cache(maxsize=16)
 def _update_pass(graphdef: Any, chunk_size: int, steps: int) -> Any:
     """`update_outputs` jitted for a model structure (cached)."""
-    import jax
-    from flax import nnx
-
     return jax.jit(lambda state, batch: update_outputs(nnx.merge(graphdef, state), batch, chunk_size, steps))
 
 
 @functools.lru_cache(maxsize=16)
 def _scaled_pass(graphdef: Any, chunk_size: int) -> Any:
     """The jitted pass at a per-(sequence, chunk) gating scale λ [B, N] (one inner step): chunk losses."""
-    import jax
-    from flax import nnx
-
     @jax.jit
     def run(state: Any, batch: dict[str, Any], lam: Any) -> Any:
         m = nnx.merge(graphdef, state)
@@ -127,9 +116,6 @@ def evaluate_held_out(model: Any, batches: list[dict[str, Any]], *, data: DataCo
 
     `skip_only`: run only the SKIP pass (signals and features, e.g. to calibrate thresholds); the update
     columns of the loss table are then NaN."""
-    import jax
-    from flax import nnx
-
     graphdef, state = nnx.split(model)
     skip_pass = _skip_pass(graphdef, data.chunk_size)
     passes = [skip_pass] + ([] if skip_only else [_update_pass(graphdef, data.chunk_size, k)
@@ -175,10 +161,6 @@ def evaluate_held_out(model: Any, batches: list[dict[str, Any]], *, data: DataCo
 
 def _chunk_entropy_confidence(logits: Any, mask: Any, chunk_size: int) -> tuple[Any, Any]:
     """Token-mean prediction entropy and max-probability of each chunk: ([B, N], [B, N])."""
-    import jax.numpy as jnp
-
-    from ponderttt.gating import entropy_and_confidence
-
     entropy, confidence = entropy_and_confidence(logits)
     b, t = mask.shape
     w = mask.astype(jnp.float32).reshape(b, t // chunk_size, chunk_size)
@@ -199,9 +181,6 @@ def losses_at_scales(model: Any, batches: list[dict[str, Any]], scales: np.ndarr
                      mesh: Any) -> np.ndarray:
     """[B, N] per-chunk loss of the adapted model with gating scale λ = scales[b, n] (one inner step), under the
     reset protocol, on the same sequences as `evaluate_held_out(model, batches)`: continuous gates' losses."""
-    import jax
-    from flax import nnx
-
     graphdef, state = nnx.split(model)
     run = _scaled_pass(graphdef, data.chunk_size)
     mine = distributed.process_rows(data.batch_size, jax.process_index(), jax.process_count())

@@ -13,6 +13,8 @@ import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
+import jax
+
 from ponderttt.train import distributed
 from ponderttt.train.checkpoint import Checkpointer
 from ponderttt.train.config import ConfigError, RunConfig
@@ -50,8 +52,6 @@ def train_loop(*, stage: str, run_dir: RunDir, run: RunConfig, state: State, ste
                batches: StatefulIterator, total_steps: int, tokens_per_step: int,
                eval_fn: EvalFn | None = None, async_checkpoints: bool = True) -> LoopResult:
     """Runs `stage` to `total_steps`, resuming from its latest checkpoint when `run.resume` is set."""
-    import jax
-
     is_main = jax.process_index() == 0
     mesh = distributed.mesh_of(state)
     if mesh is not None:  # the step returns its state on the mesh: start from the same layout (one compilation)

@@ -15,6 +15,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from tensorboardX import SummaryWriter
+from tqdm.auto import tqdm
+
 
 def _to_float(value: Any) -> float:
     return float(value.item() if hasattr(value, "item") else value)
@@ -64,8 +67,6 @@ class MetricsLogger:
         truncate_jsonl(self.jsonl_path, stage, start_step)
         self._file = self.jsonl_path.open("a")
         if tensorboard_dir is not None:
-            from tensorboardX import SummaryWriter
-
             # purge_step makes TensorBoard drop events at or after it that a killed run left behind.
             self._writer = SummaryWriter(str(tensorboard_dir), purge_step=start_step + 1 if start_step else None)
 
@@ -102,8 +103,6 @@ class Progress:
 
     def __init__(self, stage: str, *, total_steps: int, tokens_per_step: int, start_step: int = 0,
                  enabled: bool = True) -> None:
-        from tqdm.auto import tqdm
-
         self.tokens_per_step = tokens_per_step
         self.total_steps = total_steps
         self._bar = tqdm(total=total_steps * tokens_per_step, initial=start_step * tokens_per_step, unit="tok",

@@ -109,7 +109,7 @@ class RunDir:
         self.config_file.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
-def _stamp(now: datetime.datetime | None = None) -> str:
+def stamp(now: datetime.datetime | None = None) -> str:
     now = now or datetime.datetime.now(datetime.UTC)
     return now.strftime("%Y%m%d-%H%M%S")
 
@@ -133,7 +133,7 @@ def resolve_run_dir(run: RunConfig, command: str, preset: str, now: datetime.dat
             raise ConfigError(f"--resume: no run directory under {root} to resume; start one without --resume")
         newest = max(runs, key=lambda name: (root / name / CONFIG_FILE).stat().st_mtime)
         return RunDir(root / newest)
-    name = run.name or f"{command}-{preset}-{_stamp(now)}"
+    name = run.name or f"{command}-{preset}-{stamp(now)}"
     return RunDir(root / name)
 
 

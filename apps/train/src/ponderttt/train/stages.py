@@ -1,4 +1,7 @@
-"""The commands: check what a command needs on disk, then run its stages."""
+"""The commands: check what a command needs on disk, then run its stages (`RUNNERS`, one per command).
+
+Imported only once the command line is parsed (`cli.main`), so `--help` stays free of jax.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +9,17 @@ import dataclasses
 import json
 import os
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
-from ponderttt.train import distributed
-from ponderttt.train.config import SCALE_DIRS, TRAINABLE_GATES, ConfigError, to_dict
+import jax
+
+from ponderttt.data import load_tokenizer
+from ponderttt.train import adapter, aggregate, backbone, corpus, distributed, evaluate, gates
+from ponderttt.train.comparison import run_analyze, run_compare
+from ponderttt.train.config import SCALE_DIRS, TRAINABLE_GATES, BackboneConfig, ConfigError, PipelineCommand, to_dict
 from ponderttt.train.distributed import say
-from ponderttt.train.rundir import RunDir, config_hash, require_backbone_dir, resolve_run_dir
+from ponderttt.train.rundir import RunDir, config_hash, require_backbone_dir, resolve_run_dir, stamp
 
 LATER_STAGES = ("gate", "compare", "analyze", "evaluate")  # commands that work on an existing run
 
@@ -54,18 +62,7 @@ def check_prerequisites(command: str, preset: str, config: Any) -> None:
         raise ConfigError("`evaluate` needs --evaluate.benchmark-dir DIR holding <benchmark>.jsonl files "
                           "(benchmarks are read from local files)")
     if command in ("evaluate", "pipeline") and config.evaluate.benchmark_dir is not None:
-        _check_benchmarks(config.evaluate)
-
-
-def _check_benchmarks(evaluate: Any) -> None:
-    """Every benchmark file is present and code execution is allowed, before anything is trained or generated."""
-    from ponderttt.train.evaluate import benchmark_file, require_code_consent
-
-    if not pathlib.Path(evaluate.benchmark_dir).is_dir():
-        raise ConfigError(f"--evaluate.benchmark-dir={evaluate.benchmark_dir}: missing directory")
-    for name in evaluate.benchmarks:
-        benchmark_file(evaluate.benchmark_dir, name)
-    require_code_consent(evaluate.benchmarks)
+        evaluate.check_benchmarks(config.evaluate)
 
 
 _JOINED: list[Any] = []  # the platform config this process joined with (reproduce starts several runs)
@@ -73,8 +70,6 @@ _JOINED: list[Any] = []  # the platform config this process joined with (reprodu
 
 def start(command: str, preset: str, config: Any) -> tuple[RunDir, Any]:
     """Joins the distributed run, builds the mesh, and prepares the run directory; returns (run_dir, mesh)."""
-    import jax
-
     if not _JOINED:
         distributed.initialize(config.platform)
         _JOINED.append(config.platform)
@@ -102,6 +97,7 @@ def start(command: str, preset: str, config: Any) -> tuple[RunDir, Any]:
 
 
 def run_pretrain(command: str, preset: str, config: Any) -> tuple[RunDir, pathlib.Path]:
+    """The in-house GPT-2 backbone, pretrained (or reused from the cache); returns (run_dir, its folder)."""
     run_dir, mesh = start(command, preset, config)
     say(f"run directory: {run_dir.root}")
     return run_dir, _pretrain(config, run_dir, mesh, _tokenizer(config))[0]
@@ -109,11 +105,7 @@ def run_pretrain(command: str, preset: str, config: Any) -> tuple[RunDir, pathli
 
 def _tokenizer(config: Any) -> Any:
     """The in-house BPE (trained on the corpus, cached) or, with --backbone.path, the backbone's own tokenizer."""
-    from ponderttt.train import corpus
-
     if config.backbone.path is not None:
-        from ponderttt.data import load_tokenizer
-
         tok = load_tokenizer(config.backbone.path)
     else:
         tok = corpus.tokenizer(config.data, config.run.output_dir)
@@ -122,8 +114,6 @@ def _tokenizer(config: Any) -> Any:
 
 
 def _pretrain(config: Any, run_dir: RunDir, mesh: Any, tok: Any) -> tuple[pathlib.Path, Any]:
-    from ponderttt.train import backbone
-
     folder, metrics = backbone.pretrain(run=config.run, platform=config.platform, data=config.data,
                                         backbone=config.backbone, run_dir=run_dir, mesh=mesh, tok=tok)
     if metrics.get("cached"):
@@ -139,8 +129,6 @@ def _show(metrics: dict[str, float]) -> str:
 
 def _model_with_adapter(config: Any, run_dir: RunDir, mesh: Any, tok: Any) -> Any:
     """The frozen backbone (HF directory, or the in-house GPT-2 pretrained or reused) with the adapter attached."""
-    from ponderttt.train import adapter, backbone
-
     folder = None if config.backbone.path is not None else _pretrain(config, run_dir, mesh, tok)[0]
     model = backbone.load_backbone(config.backbone, config.platform, mesh, folder)
     return adapter.attach(model, config.data, config.adapter, mesh, config.run.seed)
@@ -148,8 +136,6 @@ def _model_with_adapter(config: Any, run_dir: RunDir, mesh: Any, tok: Any) -> An
 
 def run_ttt(command: str, preset: str, config: Any) -> tuple[RunDir, Any, Any, Any]:
     """Backbone, then the adapter trained with UPDATE_k; returns (run_dir, mesh, tokenizer, model)."""
-    from ponderttt.train import adapter
-
     run_dir, mesh = start(command, preset, config)
     say(f"run directory: {run_dir.root}")
     tok = _tokenizer(config)
@@ -164,129 +150,8 @@ def run_ttt(command: str, preset: str, config: Any) -> tuple[RunDir, Any, Any, A
     return run_dir, mesh, tok, model
 
 
-def run_compare(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, command: str,
-                trained: dict[str, Any] | None = None) -> None:
-    """Compares every configured method (learned gates: those in `trained`) under the configured protocols;
-    writes results.json, report.md and plots into the run directory."""
-    import numpy as np
-
-    from ponderttt.eval import comparison_record, write_report
-    from ponderttt.train import compare, corpus, heldout
-    from ponderttt.train.backbone import EVAL_BATCHES
-
-    data, cmp = config.data, config.compare
-    language = corpus.language(data)
-    n_batches = -(-cmp.eval_sequences // data.batch_size)
-    test_batches = corpus.fixed_batches(data, tok, "test", n_batches)
-    held, wall = heldout.evaluate_held_out(model, test_batches, data=data, mesh=mesh, language=language)
-    # thresholds are calibrated on the validation split's SKIP-pass signals (never on the test chunks)
-    val, _ = heldout.evaluate_held_out(model, corpus.fixed_batches(data, tok, "val", max(n_batches, EVAL_BATCHES)),
-                                       data=data, mesh=mesh, language=language, skip_only=True)
-    costs = heldout.cost_table(model.config, data, config.adapter, wall or None)
-    trained = dict(trained or {})
-    methods = list(cmp.methods)
-
-    def loss_at_scale(scales: Any) -> Any:  # continuous gates: one pass at their λ
-        return heldout.losses_at_scales(model, test_batches, scales, data=data, mesh=mesh)
-
-    records = compare.compare_reset(held, methods, cmp.budgets, calibration_signal=val.signal, trained=trained,
-                                    loss_at_scale=loss_at_scale, cost_table=costs, n_resamples=cmp.n_resamples,
-                                    seed=config.run.seed)
-    protocols = ["reset"]
-    if "carry" in cmp.protocols:
-        from ponderttt.train import carry
-
-        try:
-            records += carry.compare_carry(model, test_batches, held, methods, cmp.budgets, data=data, mesh=mesh,
-                                           calibration_signal=val.signal, trained=trained, cost_table=costs,
-                                           n_resamples=cmp.n_resamples, seed=config.run.seed)
-            protocols.append("carry")
-        except carry.CarryUnsupported as error:
-            say(f"compare: the carry protocol did not run: {error}")
-    comparisons = []
-    if {"skip", "update_1"} <= set(methods):
-        docs = held.documents.reshape(-1)
-        weights = held.tokens.reshape(-1)
-
-        def per_document(loss: Any) -> Any:
-            order = np.unique(docs, return_inverse=True)[1]
-            return np.bincount(order, loss.reshape(-1) * weights) / np.maximum(np.bincount(order, weights), 1)
-
-        comparisons.append(comparison_record(("update_1", None, "reset"), ("skip", None, "reset"),
-                                             per_document(held.loss[..., 1]), per_document(held.loss[..., 0]),
-                                             n_resamples=cmp.n_resamples, seed=config.run.seed))
-    run_info = {"run": run_dir.name, "command": command, "seed": config.run.seed,
-                "backbone": config.backbone.path or "in-house GPT-2", "adapter": config.adapter.kind,
-                "n_sequences": int(held.tokens.shape[0]), "chunks_per_sequence": int(held.tokens.shape[1]),
-                "protocols_evaluated": protocols}
-    by = {(r["method"], r["budget"]): r for r in records if r["protocol"] == "reset"}
-    headline = None
-    if ("skip", None) in by and ("update_1", None) in by:
-        skip, update = by[("skip", None)]["loss"], by[("update_1", None)]["loss"]
-        verdict = "beats" if update < skip else "does not beat"
-        headline = f"UPDATE_1 {verdict} SKIP: loss {update:.4f} vs {skip:.4f} ({update - skip:+.4f} nats)"
-        run_info["held_out_update_1_vs_skip"] = headline + " under the reset protocol"
-    import jax
-
-    signal_rows, columns = analyze_signals(config, held)
-    if jax.process_index() == 0:
-        written = write_report(run_dir.root, records, run=run_info, cost_table=costs, comparisons=comparisons,
-                               signals=signal_rows, signal_samples=columns, signal_names=tuple(held.signals))
-        say(f"compare: {len(records)} results ({' and '.join(protocols)} protocols); wrote "
-            + ", ".join(str(p) for p in written.values()))
-    if headline:
-        say(f"held-out code: {headline}")
-
-
-def run_analyze(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any) -> None:
-    """Signal correlations on the held-out chunks: signals.json and signals.md in the run directory."""
-    import jax
-
-    from ponderttt.train import corpus, heldout
-
-    data = config.data
-    n_batches = -(-config.analyze.eval_sequences // data.batch_size)
-    language = corpus.language(data)
-    held, _ = heldout.evaluate_held_out(model, corpus.fixed_batches(data, tok, "test", n_batches), data=data,
-                                        mesh=mesh, language=language)
-    held = dataclasses.replace(held, signals={k: v for k, v in held.signals.items() if k in config.analyze.signals})
-    if not held.signals:
-        raise ConfigError(f"--analyze.signals={' '.join(config.analyze.signals)}: none of them is computed; "
-                          "available: recon_loss, entropy, confidence, ttt_improvement")
-    rows, _ = analyze_signals(config, held, n_resamples=1000)
-    if jax.process_index() == 0:
-        (run_dir.root / "signals.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
-        lines = ["| Model | Language | Signal | n | Pearson r [95% CI] | Spearman rho |",
-                 "| --- | --- | --- | --- | --- | --- |"]
-        for r in rows:
-            ci = r.get("pearson_ci") or [float("nan")] * 2
-            lines.append(f"| {r.get('model')} | {r.get('language')} | {r['signal']} | {r['n']} | "
-                         f"{r['pearson_r']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] | {r['spearman_rho']:+.3f} |")
-        (run_dir.root / "signals.md").write_text("# Signals vs oracle advantage\n\n" + "\n".join(lines) + "\n")
-        say(f"analyze: wrote {run_dir.root / 'signals.md'} and signals.json")
-
-
-def analyze_signals(config: Any, held: Any, n_resamples: int | None = None) -> tuple[list[dict[str, Any]], dict]:
-    """Pearson / Spearman r of every per-chunk signal with the oracle advantage (the published scaling table)."""
-    from ponderttt.eval import signal_table
-
-    model = config.backbone.path or f"in-house GPT-2 {config.backbone.n_layer}x{config.backbone.n_embd}"
-    columns = {name: values.reshape(-1) for name, values in held.signals.items()}
-    columns.update({"oracle_advantage": held.advantage.reshape(-1), "language": held.languages.reshape(-1),
-                    "model": [model] * held.advantage.size})
-    resamples = n_resamples if n_resamples is not None else config.compare.n_resamples
-    rows = signal_table(columns, signals=tuple(held.signals), n_resamples=resamples, seed=config.run.seed)
-    for row in rows:
-        if row.get("signal") == "recon_loss" and row.get("language") in ("all", held.languages.flat[0]):
-            say(f"analyze: r(recon_loss, oracle advantage) = {row['pearson_r']:+.3f} on {row['n']} chunks")
-            break
-    return rows, columns
-
-
 def run_gates(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any) -> dict[str, Any]:
     """Trains every requested gate; returns {name: trained gate}."""
-    from ponderttt.train import gates
-
     trained = {}
     for name in config.gate.gates:
         trained[name], metrics = gates.train_gate(name, run=config.run, data=config.data, gate=config.gate,
@@ -298,43 +163,6 @@ def run_gates(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any) -> 
     return trained
 
 
-def run_command(command: str, preset: str, config: Any) -> int:
-    """Runs `command` with its parsed config; returns the exit status."""
-    check_prerequisites(command, preset, config)
-    if command == "pretrain":
-        run_pretrain(command, preset, config)
-        return 0
-    if command == "ttt":
-        run_ttt(command, preset, config)
-        return 0
-    if command == "pipeline":
-        run_pipeline(command, preset, config)
-        return 0
-    if command == "reproduce":
-        run_reproduce(preset, config)
-        return 0
-    from ponderttt.train.adapter import load_adapter
-
-    run_dir, mesh = start(command, preset, config)
-    tok = _tokenizer(config)
-    model = load_adapter(_model_with_adapter(config, run_dir, mesh, tok), run_dir)
-    if command == "gate":
-        run_gates(config, run_dir, mesh, tok, model)
-    elif command == "evaluate":
-        from ponderttt.train.evaluate import run_evaluate
-
-        run_evaluate(config, run_dir, mesh, tok, model)
-    elif command == "analyze":
-        run_analyze(config, run_dir, mesh, tok, model)
-    else:
-        from ponderttt.train import gates
-
-        trained = {m: gates.load_gate(m, config.gate, run_dir, config.run.seed) for m in config.compare.methods
-                   if m in TRAINABLE_GATES}
-        run_compare(config, run_dir, mesh, tok, model, command, trained)
-    return 0
-
-
 def run_pipeline(command: str, preset: str, config: Any) -> RunDir:
     """Data and tokenizer, backbone, adapter, gates, comparison and signal analysis, report; returns the run."""
     run_dir, mesh, tok, model = run_ttt(command, preset, config)
@@ -342,9 +170,7 @@ def run_pipeline(command: str, preset: str, config: Any) -> RunDir:
     run_compare(config, run_dir, mesh, tok, model, command, trained)
     outputs = "results.json, report.md, plots, checkpoints/, metrics.jsonl, tensorboard/"
     if config.evaluate.benchmark_dir is not None:
-        from ponderttt.train.evaluate import run_evaluate
-
-        run_evaluate(config, run_dir, mesh, tok, model)
+        evaluate.run_evaluate(config, run_dir, mesh, tok, model)
         outputs += ", evaluate.json, evaluate.md"
     else:
         say("evaluate: skipped (benchmarks are local files: pass --evaluate.benchmark-dir DIR to run them)")
@@ -352,14 +178,10 @@ def run_pipeline(command: str, preset: str, config: Any) -> RunDir:
     return run_dir
 
 
-def run_reproduce(preset: str, config: Any) -> pathlib.Path:
+def run_reproduce(command: str, preset: str, config: Any) -> pathlib.Path:
     """For each scale: the whole pipeline on backbone_root/<checkpoint>, in run <name>-<scale>; then the
     published tables across scales in run <name> (scaling.md, scaling.json). Returns scaling.md."""
-    from ponderttt.train import aggregate
-    from ponderttt.train.config import BackboneConfig, PipelineCommand
-    from ponderttt.train.rundir import _stamp
-
-    base = config.run.name or f"reproduce-{preset}-{_stamp()}"
+    base = config.run.name or f"reproduce-{preset}-{stamp()}"
     per_scale = {}
     for scale in config.scales:
         backbone = BackboneConfig(path=str(pathlib.Path(config.backbone_root) / SCALE_DIRS[scale]))
@@ -370,10 +192,49 @@ def run_reproduce(preset: str, config: Any) -> pathlib.Path:
         run_dir = run_pipeline("pipeline", preset, sub)
         per_scale[scale] = json.loads(run_dir.results_file.read_text())
     out = pathlib.Path(config.run.output_dir) / base
-    import jax
-
     if jax.process_index() == 0:
         budget = 0.5 if 0.5 in config.compare.budgets else config.compare.budgets[0]
         path = aggregate.write_scaling_report(out, per_scale, method="recon", budget=budget, protocol="reset")
         say(f"reproduce: wrote {path} and {out / 'scaling.json'}")
     return out / "scaling.md"
+
+
+def _on_trained_run(stage: Callable[..., Any]) -> Callable[[str, str, Any], Any]:
+    """A later command's runner: the run's backbone with its trained adapter, then `stage` on it."""
+
+    def run(command: str, preset: str, config: Any) -> Any:
+        run_dir, mesh = start(command, preset, config)
+        tok = _tokenizer(config)
+        model = adapter.load_adapter(_model_with_adapter(config, run_dir, mesh, tok), run_dir)
+        return stage(config, run_dir, mesh, tok, model, command)
+
+    return run
+
+
+def _compare_trained(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, command: str) -> None:
+    trained = {m: gates.load_gate(m, config.gate, run_dir, config.run.seed) for m in config.compare.methods
+               if m in TRAINABLE_GATES}
+    run_compare(config, run_dir, mesh, tok, model, command, trained)
+
+
+RUNNERS: dict[str, Callable[[str, str, Any], Any]] = {
+    "pretrain": run_pretrain,
+    "ttt": run_ttt,
+    "pipeline": run_pipeline,
+    "reproduce": run_reproduce,
+    "gate": _on_trained_run(lambda config, run_dir, mesh, tok, model, command: run_gates(
+        config, run_dir, mesh, tok, model)),
+    "compare": _on_trained_run(_compare_trained),
+    "analyze": _on_trained_run(lambda config, run_dir, mesh, tok, model, command: run_analyze(
+        config, run_dir, mesh, tok, model)),
+    "evaluate": _on_trained_run(lambda config, run_dir, mesh, tok, model, command: evaluate.run_evaluate(
+        config, run_dir, mesh, tok, model)),
+}
+"""What each command runs once its prerequisites are checked (the commands of `config.COMMANDS`)."""
+
+
+def run_command(command: str, preset: str, config: Any) -> int:
+    """Runs `command` with its parsed config: checks what it needs on disk, then its runner; returns 0."""
+    check_prerequisites(command, preset, config)
+    RUNNERS[command](command, preset, config)
+    return 0

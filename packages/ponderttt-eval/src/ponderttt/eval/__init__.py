@@ -60,6 +60,7 @@ _EXPORTS = {
         "compare_paired",
     ),
     "signals": ("correlate", "signal_table"),
+    "render": ("render_signals_markdown",),
     "report": (
         "SCHEMA_VERSION",
         "ReportError",

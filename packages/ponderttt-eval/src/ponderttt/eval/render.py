@@ -241,6 +241,12 @@ def _signals_section(doc: Mapping) -> str | None:
     return pivot + "\n\n" + detail
 
 
+def render_signals_markdown(rows: Sequence[Mapping]) -> str:
+    """signals.md: the rows of ``signal_table`` as a pivot of Pearson r per (model, language) and signal, then
+    every row with its n, r and Spearman ρ with CIs and p-values."""
+    return "# Signals vs oracle advantage\n\n" + (_signals_section({"signals": list(rows)}) or "No signal.") + "\n"
+
+
 def _comparisons_section(doc: Mapping) -> str | None:
     comps = doc.get("comparisons") or []
     if not comps:

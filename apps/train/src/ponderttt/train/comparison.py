@@ -1,0 +1,121 @@
+"""The `compare` and `analyze` stages: the held-out passes, every method under the configured protocols, the
+paired UPDATE_1-vs-SKIP comparison and the signal analysis, written as results.json / report.md / plots and
+signals.json / signals.md.
+
+Thresholds are calibrated on the validation split's SKIP-pass signals, never on the test chunks; the carry
+protocol runs where the model's adapter sites allow it (`carry.CarryUnsupported` otherwise, reported).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from ponderttt.eval import comparison_record, render_signals_markdown, signal_table, write_report
+from ponderttt.train import carry, compare, corpus, heldout
+from ponderttt.train.backbone import EVAL_BATCHES
+from ponderttt.train.compare import HeldOut
+from ponderttt.train.config import ConfigError
+from ponderttt.train.distributed import say
+from ponderttt.train.rundir import RunDir
+
+
+def run_compare(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, command: str,
+                trained: Mapping[str, Any] | None = None) -> None:
+    """Compares every configured method (learned gates: those in `trained`) under the configured protocols;
+    writes results.json, report.md and plots into the run directory (process 0)."""
+    data, cmp = config.data, config.compare
+    language = corpus.language(data)
+    n_batches = -(-cmp.eval_sequences // data.batch_size)
+    test_batches = corpus.fixed_batches(data, tok, "test", n_batches)
+    held, wall = heldout.evaluate_held_out(model, test_batches, data=data, mesh=mesh, language=language)
+    val, _ = heldout.evaluate_held_out(model, corpus.fixed_batches(data, tok, "val", max(n_batches, EVAL_BATCHES)),
+                                       data=data, mesh=mesh, language=language, skip_only=True)
+    costs = heldout.cost_table(model.config, data, config.adapter, wall or None)
+    trained = dict(trained or {})
+    methods = list(cmp.methods)
+
+    def loss_at_scale(scales: Any) -> Any:  # continuous gates: one pass at their λ
+        return heldout.losses_at_scales(model, test_batches, scales, data=data, mesh=mesh)
+
+    records = compare.compare_reset(held, methods, cmp.budgets, calibration_signal=val.signal, trained=trained,
+                                    loss_at_scale=loss_at_scale, cost_table=costs, n_resamples=cmp.n_resamples,
+                                    seed=config.run.seed)
+    protocols = ["reset"]
+    if "carry" in cmp.protocols:
+        try:
+            records += carry.compare_carry(model, test_batches, held, methods, cmp.budgets, data=data, mesh=mesh,
+                                           calibration_signal=val.signal, trained=trained, cost_table=costs,
+                                           n_resamples=cmp.n_resamples, seed=config.run.seed)
+            protocols.append("carry")
+        except carry.CarryUnsupported as error:
+            say(f"compare: the carry protocol did not run: {error}")
+    comparisons = []
+    if {"skip", "update_1"} <= set(methods):
+        comparisons.append(comparison_record(("update_1", None, "reset"), ("skip", None, "reset"),
+                                             held.per_document(held.loss[..., 1]),
+                                             held.per_document(held.loss[..., 0]),
+                                             n_resamples=cmp.n_resamples, seed=config.run.seed))
+    run_info = {"run": run_dir.name, "command": command, "seed": config.run.seed,
+                "backbone": config.backbone.path or "in-house GPT-2", "adapter": config.adapter.kind,
+                "n_sequences": int(held.tokens.shape[0]), "chunks_per_sequence": int(held.tokens.shape[1]),
+                "protocols_evaluated": protocols}
+    headline = update_vs_skip(records)
+    if headline:
+        run_info["held_out_update_1_vs_skip"] = headline + " under the reset protocol"
+    signal_rows, columns = analyze_signals(config, held)
+    if jax.process_index() == 0:
+        written = write_report(run_dir.root, records, run=run_info, cost_table=costs, comparisons=comparisons,
+                               signals=signal_rows, signal_samples=columns, signal_names=tuple(held.signals))
+        say(f"compare: {len(records)} results ({' and '.join(protocols)} protocols); wrote "
+            + ", ".join(str(p) for p in written.values()))
+    if headline:
+        say(f"held-out code: {headline}")
+
+
+def update_vs_skip(records: list[dict[str, Any]]) -> str | None:
+    """The headline of the reset protocol's UPDATE_1 and SKIP records (None without both)."""
+    by = {(r["method"], r["budget"]): r for r in records if r["protocol"] == "reset"}
+    if ("skip", None) not in by or ("update_1", None) not in by:
+        return None
+    skip, update = by[("skip", None)]["loss"], by[("update_1", None)]["loss"]
+    verdict = "beats" if update < skip else "does not beat"
+    return f"UPDATE_1 {verdict} SKIP: loss {update:.4f} vs {skip:.4f} ({update - skip:+.4f} nats)"
+
+
+def run_analyze(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any) -> None:
+    """Signal correlations on the held-out chunks: signals.json and signals.md in the run directory."""
+    data = config.data
+    n_batches = -(-config.analyze.eval_sequences // data.batch_size)
+    held, _ = heldout.evaluate_held_out(model, corpus.fixed_batches(data, tok, "test", n_batches), data=data,
+                                        mesh=mesh, language=corpus.language(data))
+    held = dataclasses.replace(held, signals={k: v for k, v in held.signals.items() if k in config.analyze.signals})
+    if not held.signals:
+        raise ConfigError(f"--analyze.signals={' '.join(config.analyze.signals)}: none of them is computed; "
+                          "available: recon_loss, entropy, confidence, ttt_improvement")
+    rows, _ = analyze_signals(config, held, n_resamples=1000)
+    if jax.process_index() == 0:
+        (run_dir.root / "signals.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
+        (run_dir.root / "signals.md").write_text(render_signals_markdown(rows))
+        say(f"analyze: wrote {run_dir.root / 'signals.md'} and signals.json")
+
+
+def analyze_signals(config: Any, held: HeldOut, n_resamples: int | None = None
+                    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Pearson / Spearman r of every per-chunk signal with the oracle advantage (the published scaling table):
+    (rows of `ponderttt.eval.signal_table`, the columns they were computed from)."""
+    model = config.backbone.path or f"in-house GPT-2 {config.backbone.n_layer}x{config.backbone.n_embd}"
+    columns: dict[str, Any] = {name: values.reshape(-1) for name, values in held.signals.items()}
+    columns.update({"oracle_advantage": held.advantage.reshape(-1), "language": held.languages.reshape(-1),
+                    "model": [model] * held.advantage.size})
+    resamples = n_resamples if n_resamples is not None else config.compare.n_resamples
+    rows = signal_table(columns, signals=tuple(held.signals), n_resamples=resamples, seed=config.run.seed)
+    for row in rows:
+        if row.get("signal") == "recon_loss" and row.get("language") in ("all", held.languages.flat[0]):
+            say(f"analyze: r(recon_loss, oracle advantage) = {row['pearson_r']:+.3f} on {row['n']} chunks")
+            break
+    return rows, columns
