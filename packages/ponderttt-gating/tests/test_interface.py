@@ -83,3 +83,37 @@ def test_causal_labels_and_kinds():
     gates = _gates()
     assert [spec for spec, g in gates.items() if not g.causal] == ["oracle:batch"]
     assert [spec for spec, g in gates.items() if g.kind == "continuous"] == ["continuous"]
+
+
+@pytest.mark.parametrize("spec", ["recon", "random", "gumbel", "continuous"])
+def test_roll_gate_equals_deciding_chunk_by_chunk(spec):
+    """roll_gate's scan equals a Python loop over the chunks (state carried, one key per chunk), and λ of a learned
+    gate stays differentiable through it."""
+    from ponderttt.gating import roll_gate
+
+    b, n, f = 3, 5, 6
+    features = jax.random.normal(jax.random.key(0), (b, n, f))
+    signal = jax.random.uniform(jax.random.key(1), (b, n))
+    keys = jax.random.split(jax.random.key(2), n)
+    options = {"recon": dict(target_rate=0.4, calibration_signal=np.linspace(0.0, 1.0, 11)),
+               "random": dict(rate=0.4)}.get(spec, dict(num_features=f, rngs=nnx.Rngs(0)))
+    gate = make_gate(spec, **options)
+    train = spec in ("gumbel", "continuous")
+    step = jnp.asarray(7, jnp.int32)  # the training step (Gumbel temperature annealing)
+    out, final = roll_gate(gate, features, keys, signal=signal, step=step, train=train)
+    state, scales = gate.init_state(b), []
+    for j in range(n):
+        step_out = gate(GateInput(features=features[:, j], signal=signal[:, j], step=step), state, keys[j],
+                        train=train)
+        state = step_out.state
+        scales.append(step_out.scale)
+    np.testing.assert_allclose(out.scale, jnp.stack(scales, axis=1), rtol=1e-6, atol=1e-6)
+    assert out.scale.shape == (b, n) and (out.action is None) == (gate.kind == "continuous")
+    for got, want in zip(jax.tree.leaves(final), jax.tree.leaves(state), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    if train:
+        graphdef, params = nnx.split(gate, nnx.Param)
+        total = lambda p: roll_gate(nnx.merge(graphdef, p), features, keys, signal=signal, step=step,
+                                    train=True)[0].scale.sum()
+        grads = jax.grad(total)(params)
+        assert any(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads))

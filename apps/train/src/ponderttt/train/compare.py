@@ -27,7 +27,14 @@ import numpy as np
 
 from ponderttt.eval import summarize_method
 from ponderttt.eval.protocol import ACTION_NAMES, UPDATE_ACTION
-from ponderttt.gating import GateInput, GateOutput, action_to_gating_scale, budget_count, make_gate, top_k_mask
+from ponderttt.gating import (
+    GateOutput,
+    action_to_gating_scale,
+    budget_count,
+    make_gate,
+    roll_gate,
+    top_k_mask,
+)
 from ponderttt.train.config import FIXED_METHODS, TRAINABLE_GATES
 
 # results.json method name -> gating registry spec (learned gates come from their checkpoints instead)
@@ -146,25 +153,14 @@ def make_method_gate(method: str, budget: float | None, calibration_signal: np.n
 def roll_out(gate: Any, held: HeldOut, *, seed: int) -> tuple[np.ndarray | None, np.ndarray]:
     """The gate's decisions over the chunks in order: (actions [B, N] or None for continuous gates, λ [B, N]).
 
-    One jitted scan over the chunks; the gate's state (thresholds, budget trackers) carries from chunk to chunk."""
-    b, n = held.tokens.shape
-    advantage = jnp.asarray(held.advantage, jnp.float32)
-    features = jnp.asarray(np.swapaxes(held.features, 0, 1), jnp.float32)  # [N, B, F]
-    signal = jnp.asarray(held.signal.T, jnp.float32)  # [N, B]
-    keys = jax.random.split(jax.random.key(seed), n)
-
-    @jax.jit
-    def scan(features, signal, keys):
-        def step(state, xs):
-            f, s, key = xs
-            out = gate(GateInput(features=f, signal=s, advantage=advantage), state, key, train=False)
-            return out.state, (out.action, out.scale)
-
-        _, (actions, scales) = jax.lax.scan(step, gate.init_state(b), (features, signal, keys))
-        return actions, scales
-
-    actions, scales = jax.device_get(scan(features, signal, keys))
-    return (None if actions is None else np.asarray(actions, np.int32).T), np.asarray(scales, np.float32).T
+    `ponderttt.gating.roll_gate` (one jitted scan over the chunks; the gate's state carries from chunk to chunk);
+    the oracle reads the whole advantage table."""
+    n = held.tokens.shape[1]
+    inputs = (jnp.asarray(held.features, jnp.float32), jax.random.split(jax.random.key(seed), n))
+    signal, advantage = jnp.asarray(held.signal, jnp.float32), jnp.asarray(held.advantage, jnp.float32)
+    decide = jax.jit(lambda f, k, s, a: roll_gate(gate, f, k, signal=s, advantage=a)[0])
+    out = jax.device_get(decide(*inputs, signal, advantage))
+    return (None if out.action is None else np.asarray(out.action, np.int32)), np.asarray(out.scale, np.float32)
 
 
 def method_record(method: str, budget: float | None, protocol: str, held: HeldOut, *, loss: np.ndarray,

@@ -42,6 +42,7 @@ from ponderttt.gating import (
     make_gate,
     pid_init,
     pid_update,
+    roll_gate,
 )
 from ponderttt.train import corpus, distributed
 from ponderttt.train.adapter import BATCH_KEYS, forward
@@ -139,12 +140,8 @@ def _differentiable_trainer(name: str, graphdef: Any, params: Any, rest: Any, *,
         m = nnx.merge(m_graphdef, m_state)
         features, signal = skip_features(m, batch, data.chunk_size)
         g = nnx.merge(graphdef, params, rest)
-        carry, scales = g.init_state(features.shape[0]), []
-        for j, sub in enumerate(jax.random.split(key, n_chunks)):
-            out = g(GateInput(features=features[:, j], signal=signal[:, j], step=step), carry, sub, train=True)
-            carry = out.state
-            scales.append(out.scale)
-        lam = jnp.stack(scales, axis=1)  # [B, N]: gumbel hard 0/1 (straight-through), continuous in [0, λ_max]
+        decisions, _ = roll_gate(g, features, jax.random.split(key, n_chunks), signal=signal, step=step, train=True)
+        lam = decisions.scale  # [B, N]: gumbel hard 0/1 (straight-through), continuous in [0, λ_max]
         gated = forward(m, batch, chunk_size=data.chunk_size, num_steps=1, gating_scale=lam, protocol="reset")
         ce = lm_loss(gated.logits, batch["targets"], batch["loss_mask"])
         spend = jnp.mean(lam)  # update-equivalents (published costs are linear in λ)

@@ -27,6 +27,7 @@ from ponderttt.gating.base import (
     decision_cost,
     make_gate,
     register_gate,
+    roll_gate,
 )
 from ponderttt.gating.baselines import (
     FixedGate,
@@ -137,6 +138,7 @@ __all__ = [
     "gumbel_temperature",
     "init_feature_state",
     "make_gate",
+    "roll_gate",
     "oracle_update_mask",
     "pid_init",
     "pid_update",

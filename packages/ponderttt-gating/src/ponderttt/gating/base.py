@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
+import jax.numpy as jnp
 
 from ponderttt.gating.actions import CostTable
 
@@ -75,6 +76,39 @@ def decision_cost(out: GateOutput, table: CostTable, normalised: bool = True) ->
     if out.action is not None:
         return table.normalised(out.action) if normalised else table.cost(out.action)
     return table.normalised_scale_cost(out.scale) if normalised else table.scale_cost(out.scale)
+
+
+def roll_gate(
+    gate: Gate,
+    features: jax.Array,
+    keys: jax.Array,
+    *,
+    signal: jax.Array | None = None,
+    advantage: jax.Array | None = None,
+    step: jax.Array | None = None,
+    state: Any = None,
+    train: bool = False,
+) -> tuple[GateOutput, Any]:
+    """The gate's decisions over the chunks of a batch of sequences, in order: one ``lax.scan`` whose carry is the
+    gate's state (EMAs, thresholds, budget trackers), so decision j sees only chunks <= j.
+
+    features [B, N, F]; keys [N] (one per chunk); signal [B, N] or None; advantage (oracles only) [B, N] or
+    [B] or None, passed unchanged to every chunk; step: the training step; state: where the stream starts (None:
+    ``gate.init_state(B)``). Returns (the stacked GateOutput: action [B, N] or None, scale [B, N], aux values
+    [B, N] or [N]; the final state). Jit- and grad-able when the gate is (λ is differentiable for learned gates).
+    """
+    b = features.shape[0]
+    carry = gate.init_state(b) if state is None else state
+    xs = (jnp.swapaxes(features, 0, 1), None if signal is None else jnp.swapaxes(signal, 0, 1), keys)
+
+    def decide(carry: Any, x: tuple[jax.Array, jax.Array | None, jax.Array]) -> tuple[Any, GateOutput]:
+        f, s, key = x
+        out = gate(GateInput(features=f, signal=s, advantage=advantage, step=step), carry, key, train=train)
+        return out.state, out._replace(state=None)
+
+    final, outs = jax.lax.scan(decide, carry, xs)
+    moved = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1) if x.ndim >= 2 else x, (outs.action, outs.scale, outs.aux))
+    return GateOutput(moved[0], moved[1], final, moved[2]), final
 
 
 GateFactory = Callable[..., Gate]
