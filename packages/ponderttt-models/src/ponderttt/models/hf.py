@@ -261,7 +261,7 @@ def plan_assignments(
     for key in ckpt.keys():
         if not key.startswith(prefix) or key in used or key.endswith(_IGNORED_SUFFIXES):
             continue
-        if key == head and getattr(config, "tie_word_embeddings", True):
+        if key == head and config.tie_word_embeddings:
             continue  # an explicit copy of the tied embedding
         errors.append(f"unexpected tensor {key!r} {ckpt.shape(key)} (not used by {type(config).__name__})")
     return assignments, errors
