@@ -31,6 +31,8 @@ BATCH_KEYS = ("input_ids", "targets", "loss_mask", "doc_start")
 
 
 def ttt_config(data: DataConfig, adapter: AdapterConfig, hidden_size: int) -> Any:
+    """The adapter's `TTTConfig`: heads and base inner lr from --adapter.*, chunk and mini-batch sizes from --data.*,
+    width `hidden_size` (the backbone's)."""
     return TTTConfig(hidden_size=hidden_size, num_heads=adapter.num_heads, mini_batch_size=data.mini_batch_size,
                      base_lr=adapter.base_lr, chunk_size=data.chunk_size)
 
@@ -70,6 +72,7 @@ def objective(model: Any, batch: dict[str, Any], *, data: DataConfig, adapter: A
 
 
 def export_dir(run_dir: RunDir) -> pathlib.Path:
+    """outputs/<run>/adapter/: where `train_adapter` exports the trained adapter and `load_adapter` reads it."""
     return run_dir.root / ADAPTER_EXPORT
 
 

@@ -32,6 +32,7 @@ def lm_loss(logits: Any, targets: Any, mask: Any) -> Any:
 
 
 def gpt2_config(data: DataConfig, backbone: BackboneConfig, vocab_size: int) -> Any:
+    """The in-house GPT-2's `GPT2Config`: width, depth and heads from --backbone.*, context --data.seq-len."""
     return GPT2Config(vocab_size=vocab_size, n_positions=data.seq_len, n_embd=backbone.n_embd,
                       n_layer=backbone.n_layer, n_head=backbone.n_head)
 
@@ -44,10 +45,12 @@ def backbone_key(data: DataConfig, backbone: BackboneConfig, seed: int, tokenize
 
 def cached_backbone_dir(run: RunConfig, data: DataConfig, backbone: BackboneConfig, tokenizer_name: str
                         ) -> pathlib.Path:
+    """outputs/cache/backbone-<hash of `backbone_key`>/: where `pretrain` saves the in-house GPT-2 (not created)."""
     return cache_dir(run.output_dir, "backbone", *backbone_key(data, backbone, run.seed, tokenizer_name))
 
 
 def remat_name(platform: PlatformConfig) -> str | None:
+    """The model's remat policy for --platform.remat: "dots" (keep matmul outputs, recompute the rest) or None."""
     return "dots" if platform.remat else None
 
 

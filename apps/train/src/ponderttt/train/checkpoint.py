@@ -40,9 +40,11 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, META))
 
     def latest_step(self) -> int | None:
+        """The newest finished step, None when the directory holds none."""
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
+        """The finished steps still kept (at most `keep`), ascending."""
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -75,6 +77,7 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
+        """Waits for pending saves, then releases the manager (also on leaving a `with` block)."""
         self._manager.wait_until_finished()
         self._manager.close()
 

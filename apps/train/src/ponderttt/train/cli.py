@@ -37,6 +37,7 @@ PRESET_HELP = (
 
 
 def top_level_help() -> str:
+    """The text of `--help` before a command: usage, one line per command (`SUMMARIES`) and the presets."""
     width = max(len(name) for name in COMMANDS)
     lines = [f"  {name:<{width}}  {SUMMARIES[name]}" + (" (default)" if name == "pipeline" else "")
              for name in COMMANDS]
@@ -97,6 +98,9 @@ def parse(argv: list[str]) -> tuple[str, str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point: answers --help / --version, else parses `argv` (default: sys.argv[1:]) and runs the command.
+
+    Returns the exit status: the command's, or 2 (`EXIT_USAGE`) after printing a ConfigError to stderr."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("-h", "--help"):
         print(top_level_help())

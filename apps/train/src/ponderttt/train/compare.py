@@ -117,9 +117,13 @@ class TopKBudget:
         self.gate, self.rate, self.kind = gate, float(rate), gate.kind
 
     def init_state(self, batch_size: int) -> Any:
+        """The wrapped gate's initial state for `batch_size` concurrent sequences."""
         return self.gate.init_state(batch_size)
 
     def __call__(self, inputs: Any, state: Any, key: Any = None, *, train: bool = False) -> Any:
+        """One chunk's `GateOutput`: action [B] (UPDATE_1 for the top round(rate · B) scores, else SKIP) and λ [B],
+        or for a continuous gate action None and its λ on the chosen rows, 0 elsewhere; aux["score"] [B] holds the
+        scores. The wrapped gate always runs in eval mode (`train` is ignored)."""
         out = self.gate(inputs, state, key, train=False)
         score = update_score(self.gate, inputs, out)
         chosen = top_k_mask(score, budget_count(self.rate, score.shape[0]))

@@ -195,6 +195,7 @@ class DataConfig:
 
     @property
     def chunks_per_sequence(self) -> int:
+        """N = seq_len // chunk_size: the gate's decisions per sequence."""
         return self.seq_len // self.chunk_size
 
 

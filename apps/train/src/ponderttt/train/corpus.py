@@ -53,6 +53,7 @@ class Subset:
 
 
 def split_config(data: DataConfig) -> Any:
+    """The train/val/test split of the corpus files from --data.val-fraction and --data.test-fraction."""
     return SplitConfig(val_fraction=data.val_fraction, test_fraction=data.test_fraction)
 
 
@@ -125,9 +126,12 @@ class RowStreams:
         return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
     def get_state(self) -> dict[str, Any]:
+        """{"rows": [the Grain iterator state of each of this process's rows]}, JSON-ready for the checkpoint."""
         return {"rows": [stream.get_state() for stream in self._streams]}
 
     def set_state(self, state: dict[str, Any]) -> None:
+        """Restores a `get_state` result; ConfigError when it holds a different number of rows than this process
+        reads (another --data.batch-size or process count)."""
         if len(state["rows"]) != len(self._streams):
             raise ConfigError(f"the data iterator state holds {len(state['rows'])} rows, this process reads "
                               f"{len(self._streams)}: resume with the same --data.batch-size and process count")

@@ -46,6 +46,7 @@ def batch_sharding(mesh: Any) -> Any:
 
 
 def replicated(mesh: Any) -> Any:
+    """Sharding of an array held in full by every device of `mesh`."""
     return NamedSharding(mesh, PartitionSpec())
 
 

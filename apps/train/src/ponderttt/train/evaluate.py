@@ -354,6 +354,8 @@ def _rate(rate: float | None) -> str:
 
 
 def write_outputs(root: pathlib.Path, summary: dict[str, Any], samples: list[dict]) -> dict[str, pathlib.Path]:
+    """Writes evaluate.json (`summary`), evaluate.md (its table) and evaluate_samples.jsonl (one graded completion
+    a line) into `root`, creating it; returns their paths under the keys results, report and samples."""
     root.mkdir(parents=True, exist_ok=True)
     paths = {"results": root / RESULTS_FILE, "report": root / REPORT_FILE, "samples": root / SAMPLES_FILE}
     paths["results"].write_text(json.dumps(summary, indent=2) + "\n")

@@ -33,14 +33,19 @@ class StatefulIterator(Protocol):
 
     def __next__(self) -> Any: ...
 
-    def get_state(self) -> dict[str, Any]: ...
+    def get_state(self) -> dict[str, Any]:
+        """The position in the stream, JSON-ready: saved as the checkpoint's meta["data"]."""
 
-    def set_state(self, state: dict[str, Any]) -> None: ...
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continues from a `get_state` result, so the next batch is the one an uninterrupted run would see."""
 
 
 @dataclasses.dataclass(frozen=True)
 class LoopResult:
+    """What `train_loop` returns: the stage's final state and the steps and metrics of the run."""
+
     state: State
+    """The state after `final_step` (restored from the last checkpoint when the stage was already complete)."""
     start_step: int
     """The step the loop started from (0, or the restored checkpoint's)."""
     final_step: int

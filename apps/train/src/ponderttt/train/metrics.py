@@ -85,6 +85,7 @@ class MetricsLogger:
         return record
 
     def close(self) -> None:
+        """Closes metrics.jsonl and the TensorBoard writer (no-op when disabled)."""
         if not self.enabled:
             return
         self._file.close()
@@ -110,6 +111,7 @@ class Progress:
                          smoothing=0.1)
 
     def update(self, step: int, metrics: Mapping[str, float] | None = None) -> None:
+        """Advances the bar by one step's tokens and shows `step`/total and `metrics` (4 significant digits)."""
         self._bar.update(self.tokens_per_step)
         postfix = {"step": f"{step}/{self.total_steps}"}
         for name, value in (metrics or {}).items():
@@ -117,4 +119,5 @@ class Progress:
         self._bar.set_postfix(postfix, refresh=False)
 
     def close(self) -> None:
+        """Closes the bar."""
         self._bar.close()

@@ -63,32 +63,40 @@ class RunDir:
 
     @property
     def name(self) -> str:
+        """The run's name (`--name`): the directory's last component."""
         return self.root.name
 
     @property
     def config_file(self) -> pathlib.Path:
+        """config.json: the resolved command config, its preset and hash (read by `--resume`)."""
         return self.root / CONFIG_FILE
 
     @property
     def metrics_file(self) -> pathlib.Path:
+        """metrics.jsonl: the logged steps of every stage."""
         return self.root / METRICS_FILE
 
     @property
     def results_file(self) -> pathlib.Path:
+        """results.json: one record per (method, budget, protocol) in the `ponderttt.eval` schema."""
         return self.root / "results.json"
 
     @property
     def report_file(self) -> pathlib.Path:
+        """report.md: the readable tables of results.json."""
         return self.root / "report.md"
 
     @property
     def plots_dir(self) -> pathlib.Path:
+        """plots/: the report's figures (*.png)."""
         return self.root / "plots"
 
     def checkpoints(self, stage: str) -> pathlib.Path:
+        """checkpoints/<stage>/: the Orbax checkpoints of a training stage (pretrain, ttt, gate_<name>)."""
         return self.root / "checkpoints" / stage
 
     def tensorboard(self, stage: str) -> pathlib.Path:
+        """tensorboard/<stage>/: the stage's TensorBoard event files."""
         return self.root / "tensorboard" / stage
 
     def has_checkpoint(self, stage: str) -> bool:
@@ -104,12 +112,14 @@ class RunDir:
         return self.checkpoints(stage)
 
     def write_config(self, command: str, preset: str, config: Any) -> None:
+        """Creates the directory and writes config.json: {command, preset, hash (`config_hash`), config}."""
         self.root.mkdir(parents=True, exist_ok=True)
         record = {"command": command, "preset": preset, "hash": config_hash(config), "config": to_dict(config)}
         self.config_file.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def stamp(now: datetime.datetime | None = None) -> str:
+    """`now` (default: the current UTC time) as YYYYmmdd-HHMMSS, the suffix of a run's default name."""
     now = now or datetime.datetime.now(datetime.UTC)
     return now.strftime("%Y%m%d-%H%M%S")
 
