@@ -55,6 +55,7 @@ from ponderttt.train.rundir import RunDir
 
 
 def export_dir(run_dir: RunDir, name: str) -> pathlib.Path:
+    """outputs/<run>/gate_<name>/: the trained gate's parameters alone (what `load_gate` reads)."""
     return run_dir.root / f"gate_{name}"
 
 
