@@ -42,3 +42,10 @@ def test_few_pairs_warn_and_budgets_are_named():
     assert v["text"].endswith(f"(warning: {v['warning']})")
     gates = comparison_record(("gumbel", 0.5, "reset"), ("random", 0.5, "reset"), [1.0, 2.0], [1.5, 2.5], seed=0)
     assert verdict(gates)["text"].startswith("gumbel at 50% beats random at 50%")
+
+
+def test_one_pair_is_never_significant():
+    rec = comparison_record(("update_1", None, "reset"), ("skip", None, "reset"), [5.0], [5.1], seed=0)
+    assert rec["difference"]["ci"][1] < 0  # the bootstrap of one item is a point
+    v = verdict(rec)
+    assert not v["significant"] and "no significant difference" in v["text"] and "only 1 paired" in v["warning"]

@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 
-from ponderttt.eval import comparison_record, render_signals_markdown, signal_table, write_report
+from ponderttt.eval import comparison_record, render_signals_markdown, signal_table, verdict, write_report
 from ponderttt.train import carry, compare, corpus, heldout
 from ponderttt.train.backbone import EVAL_BATCHES
 from ponderttt.train.compare import HeldOut
@@ -64,9 +64,13 @@ def run_compare(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, c
                 "backbone": config.backbone.path or "in-house GPT-2", "adapter": config.adapter.kind,
                 "n_sequences": int(held.tokens.shape[0]), "chunks_per_sequence": int(held.tokens.shape[1]),
                 "protocols_evaluated": protocols}
-    headline = update_vs_skip(records)
-    if headline:
-        run_info["held_out_update_1_vs_skip"] = headline + " under the reset protocol"
+    headline = None
+    if comparisons:  # the verdict follows the paired CI over documents, never the means alone
+        decided = verdict(comparisons[0], unit="nats")
+        headline = decided["text"]
+        run_info["held_out_update_1_vs_skip"] = headline + " (reset protocol, per-document losses)"
+        if decided["warning"]:
+            say(f"compare: warning: UPDATE_1 vs SKIP: {decided['warning']}")
     signal_rows, columns = analyze_signals(config, held)
     if jax.process_index() == 0:
         written = write_report(run_dir.root, records, run=run_info, cost_table=costs, comparisons=comparisons,
@@ -75,16 +79,6 @@ def run_compare(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, c
             + ", ".join(str(p) for p in written.values()))
     if headline:
         say(f"held-out code: {headline}")
-
-
-def update_vs_skip(records: list[dict[str, Any]]) -> str | None:
-    """The headline of the reset protocol's UPDATE_1 and SKIP records (None without both)."""
-    by = {(r["method"], r["budget"]): r for r in records if r["protocol"] == "reset"}
-    if ("skip", None) not in by or ("update_1", None) not in by:
-        return None
-    skip, update = by[("skip", None)]["loss"], by[("update_1", None)]["loss"]
-    verdict = "beats" if update < skip else "does not beat"
-    return f"UPDATE_1 {verdict} SKIP: loss {update:.4f} vs {skip:.4f} ({update - skip:+.4f} nats)"
 
 
 def run_analyze(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any) -> None:

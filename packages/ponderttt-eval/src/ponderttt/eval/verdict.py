@@ -1,9 +1,10 @@
 """Verdicts that follow the statistics: "A beats B" only when the paired CI of the difference excludes 0.
 
 ``verdict(comparison)`` reads a paired comparison record (``report.comparison_record`` / ``stats.compare_paired``)
-and says which side is better only when the bootstrap CI of mean(a − b) lies entirely on one side of 0; otherwise
-"no significant difference". The sentence always carries the difference, its CI, the paired test's p-value and
-n, and a warning when fewer than ``MIN_PAIRED`` items were paired (the CI is then unreliable).
+and says which side is better only when the bootstrap CI of mean(a − b) lies entirely on one side of 0 (and at
+least two items were paired); otherwise "no significant difference". The sentence always carries the
+difference, its CI, the paired test's p-value and n, and a warning when fewer than ``MIN_PAIRED`` items were
+paired (the CI is then unreliable).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def verdict(comparison: Mapping[str, Any], *, unit: str = "") -> dict[str, Any]:
     p = test.get("pvalue")
     n = int(comparison["n"])
     higher = bool(comparison.get("higher_is_better", False))
-    significant = low is not None and high is not None and (low > 0 or high < 0)
+    # one item has no spread: its bootstrap "CI" is a point, so nothing can be concluded from it
+    significant = n >= 2 and low is not None and high is not None and (low > 0 or high < 0)
     winner = None
     if significant:
         a_larger = low > 0
