@@ -108,7 +108,14 @@ def test_smoke_pipeline(tmp_path):
     low, high = comparison["difference"]["ci"]
     assert ("no significant difference" in headline) == (low <= 0 <= high or comparison["n"] < 2)
     assert f"held-out code: {headline}" in proc.stdout and headline in (run / "report.md").read_text()
-    assert (comparison["n"] < 30) == ("compare: warning: UPDATE_1 vs SKIP: only" in proc.stdout)
+    assert (comparison["n"] < 30) == ("compare: warning: only" in proc.stdout)
+    # every budgeted gate against random at the same budget, each with its verdict in the log and in report.md
+    against_random = {(c["a"]["method"], c["a"]["budget"]) for c in doc["comparisons"][1:]}
+    assert against_random == {(m, 0.5) for m in ("oracle", "recon", "gumbel", "continuous", "ppo")}
+    assert all(c["b"] == {"method": "random", "budget": 0.5, "protocol": "reset"} for c in doc["comparisons"][1:])
+    for c in doc["comparisons"][1:]:
+        assert f"compare: {verdict(c, unit='nats')['text']}" in proc.stdout
+        assert verdict(c)["head"] in (run / "report.md").read_text()
     assert (run / "pareto.png").is_file()
     stages = {json.loads(line)["stage"] for line in (run / "metrics.jsonl").read_text().splitlines()}
     assert stages == {"pretrain", "ttt"} | {f"gate_{g}" for g in LEARNED}

@@ -3,7 +3,7 @@
 import numpy as np
 
 from ponderttt.eval import comparison_record
-from ponderttt.eval.verdict import MIN_PAIRED, verdict
+from ponderttt.eval.verdicts import MIN_PAIRED, verdict
 
 
 def record(delta, n, noise=0.01, seed=0):

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ponderttt.eval import summarize_method
+from ponderttt.eval import comparison_record, summarize_method
 from ponderttt.eval.protocol import ACTION_NAMES, UPDATE_ACTION
 from ponderttt.gating import (
     GateOutput,
@@ -205,9 +205,20 @@ def compare_reset(held: HeldOut, methods: Sequence[str], budgets: Sequence[float
                   calibration_signal: np.ndarray, trained: Mapping[str, Any] | None = None,
                   loss_at_scale: Callable[[np.ndarray], np.ndarray] | None = None, cost_table: Any = None,
                   n_resamples: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
-    """Every (method, budget) under the reset protocol, on the same chunks. Discrete gates read the loss table;
+    """Every (method, budget) under the reset protocol, on the same chunks: the records of `run_reset`."""
+    return run_reset(held, methods, budgets, calibration_signal=calibration_signal, trained=trained,
+                     loss_at_scale=loss_at_scale, cost_table=cost_table, n_resamples=n_resamples, seed=seed)[0]
+
+
+def run_reset(held: HeldOut, methods: Sequence[str], budgets: Sequence[float], *,
+              calibration_signal: np.ndarray, trained: Mapping[str, Any] | None = None,
+              loss_at_scale: Callable[[np.ndarray], np.ndarray] | None = None, cost_table: Any = None,
+              n_resamples: int = 1000, seed: int = 0
+              ) -> tuple[list[dict[str, Any]], dict[tuple[str, float | None], np.ndarray]]:
+    """Every (method, budget) under the reset protocol, on the same chunks: (results.json records, the per-chunk
+    losses [B, N] of each (method, budget), for paired comparisons). Discrete gates read the loss table;
     continuous gates (no actions) are evaluated by `loss_at_scale(λ [B, N]) -> loss [B, N]`."""
-    records = []
+    records, losses = [], {}
     for method, budget in method_budgets(methods, budgets):
         gate = make_method_gate(method, budget, calibration_signal, trained or {})
         actions, scales = roll_out(gate, held, seed=seed)
@@ -217,7 +228,22 @@ def compare_reset(held: HeldOut, methods: Sequence[str], budgets: Sequence[float
             if loss_at_scale is None:
                 raise ValueError(f"method {method!r} is continuous: compare_reset needs loss_at_scale")
             loss = np.asarray(loss_at_scale(scales))
+        losses[(method, budget)] = loss
         records.append(method_record(method, budget, "reset", held, loss=loss, actions=actions, scales=scales,
                                      loss_update=held.loss[..., UPDATE_ACTION], cost_table=cost_table,
                                      n_resamples=n_resamples, seed=seed))
-    return records
+    return records, losses
+
+
+def paired_comparisons(held: HeldOut, losses: Mapping[tuple[str, float | None], np.ndarray], *,
+                       n_resamples: int, seed: int) -> list[dict[str, Any]]:
+    """The paired comparisons over documents (reset protocol) that verdicts are drawn from: UPDATE_1 vs SKIP,
+    then every budgeted gate vs random at the same budget."""
+    pairs = []
+    if ("update_1", None) in losses and ("skip", None) in losses:
+        pairs.append((("update_1", None), ("skip", None)))
+    pairs += [((method, budget), ("random", budget)) for method, budget in losses
+              if budget is not None and method != "random" and ("random", budget) in losses]
+    return [comparison_record((*a, "reset"), (*b, "reset"), held.per_document(losses[a]),
+                              held.per_document(losses[b]), n_resamples=n_resamples, seed=seed)
+            for a, b in pairs]

@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 
-from ponderttt.eval import comparison_record, render_signals_markdown, signal_table, verdict, write_report
+from ponderttt.eval import render_signals_markdown, signal_table, verdict, write_report
 from ponderttt.train import carry, compare, corpus, heldout
 from ponderttt.train.backbone import EVAL_BATCHES
 from ponderttt.train.compare import HeldOut
@@ -42,9 +42,9 @@ def run_compare(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, c
     def loss_at_scale(scales: Any) -> Any:  # continuous gates: one pass at their λ
         return heldout.losses_at_scales(model, test_batches, scales, data=data, mesh=mesh)
 
-    records = compare.compare_reset(held, methods, cmp.budgets, calibration_signal=val.signal, trained=trained,
-                                    loss_at_scale=loss_at_scale, cost_table=costs, n_resamples=cmp.n_resamples,
-                                    seed=config.run.seed)
+    records, losses = compare.run_reset(held, methods, cmp.budgets, calibration_signal=val.signal,
+                                        trained=trained, loss_at_scale=loss_at_scale, cost_table=costs,
+                                        n_resamples=cmp.n_resamples, seed=config.run.seed)
     protocols = ["reset"]
     if "carry" in cmp.protocols:
         try:
@@ -54,23 +54,21 @@ def run_compare(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, c
             protocols.append("carry")
         except carry.CarryUnsupported as error:
             say(f"compare: the carry protocol did not run: {error}")
-    comparisons = []
-    if {"skip", "update_1"} <= set(methods):
-        comparisons.append(comparison_record(("update_1", None, "reset"), ("skip", None, "reset"),
-                                             held.per_document(held.loss[..., 1]),
-                                             held.per_document(held.loss[..., 0]),
-                                             n_resamples=cmp.n_resamples, seed=config.run.seed))
+    comparisons = compare.paired_comparisons(held, losses, n_resamples=cmp.n_resamples, seed=config.run.seed)
     run_info = {"run": run_dir.name, "command": command, "seed": config.run.seed,
                 "backbone": config.backbone.path or "in-house GPT-2", "adapter": config.adapter.kind,
                 "n_sequences": int(held.tokens.shape[0]), "chunks_per_sequence": int(held.tokens.shape[1]),
                 "protocols_evaluated": protocols}
     headline = None
-    if comparisons:  # the verdict follows the paired CI over documents, never the means alone
-        decided = verdict(comparisons[0], unit="nats")
-        headline = decided["text"]
-        run_info["held_out_update_1_vs_skip"] = headline + " (reset protocol, per-document losses)"
-        if decided["warning"]:
-            say(f"compare: warning: UPDATE_1 vs SKIP: {decided['warning']}")
+    for comparison in comparisons:  # verdicts follow the paired CI over documents, never the means alone
+        decided = verdict(comparison, unit="nats")
+        if comparison["b"]["method"] == "skip":
+            headline = decided["text"]
+            run_info["held_out_update_1_vs_skip"] = headline + " (reset protocol, per-document losses)"
+        else:
+            say(f"compare: {decided['text']}")
+    if comparisons and (warning := verdict(comparisons[0])["warning"]):
+        say(f"compare: warning: {warning}")
     signal_rows, columns = analyze_signals(config, held)
     if jax.process_index() == 0:
         written = write_report(run_dir.root, records, run=run_info, cost_table=costs, comparisons=comparisons,

@@ -61,7 +61,7 @@ _EXPORTS = {
     ),
     "signals": ("correlate", "signal_table"),
     "render": ("render_signals_markdown",),
-    "verdict": ("verdict", "MIN_PAIRED"),
+    "verdicts": ("verdict", "MIN_PAIRED"),
     "report": (
         "SCHEMA_VERSION",
         "ReportError",

@@ -6,6 +6,8 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 
+from ponderttt.eval.verdicts import verdict
+
 UNIT_LABELS = {
     "flops": "FLOPs / chunk",
     "relative_flops": "FLOPs relative to SKIP",
@@ -260,8 +262,10 @@ def _comparisons_section(doc: Mapping) -> str | None:
         diff = c["difference"]
         poi = c["probability_of_improvement"]
         t = c.get("paired_t") or {}
+        decided = verdict(c)
         rows.append(
             [
+                decided["head"] + (" (n < 30)" if decided["warning"] else ""),
                 name(c["a"]),
                 name(c["b"]),
                 c["a"]["protocol"],
@@ -277,6 +281,7 @@ def _comparisons_section(doc: Mapping) -> str | None:
         )
     return _table(
         [
+            "Verdict (paired CI)",
             "A",
             "B",
             "Protocol",

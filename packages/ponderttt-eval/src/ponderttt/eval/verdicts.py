@@ -21,7 +21,8 @@ def _name(side: Mapping[str, Any]) -> str:
 
 
 def verdict(comparison: Mapping[str, Any], *, unit: str = "") -> dict[str, Any]:
-    """{"text", "significant", "winner" ("a", "b" or None), "warning" (None or why the CI is unreliable)}.
+    """{"text", "head" (the sentence's verdict part), "significant", "winner" ("a", "b" or None), "warning"
+    (None or why the CI is unreliable)}.
 
     comparison: a paired record with "a"/"b" ({method, budget, protocol}), "metric", "n", "difference" ({value,
     ci}), "paired_t" / "wilcoxon" ({pvalue}) and "higher_is_better". unit: appended to the difference (e.g.
@@ -53,4 +54,4 @@ def verdict(comparison: Mapping[str, Any], *, unit: str = "") -> dict[str, Any]:
     if n < MIN_PAIRED:
         warning = f"only {n} paired items (< {MIN_PAIRED}): the CI and p-value are unreliable"
     text = f"{head}: {detail}" + (f" (warning: {warning})" if warning else "")
-    return {"text": text, "significant": significant, "winner": winner, "warning": warning}
+    return {"text": text, "head": head, "significant": significant, "winner": winner, "warning": warning}
