@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 VARIANTS = ("base", "mamba")
 
@@ -59,24 +60,30 @@ class TTTConfig:
 
     @property
     def head_dim(self) -> int:
+        """d = hidden_size / num_heads, the width of each head's fast weights (LoRA-TTT uses the full width)."""
         return self.hidden_size // self.num_heads
 
     @property
     def qk_shared(self) -> bool:
+        """Q and K come from one shared projection and two convolutions: `share_qk`, else the variant's choice."""
         return self.variant == "mamba" if self.share_qk is None else self.share_qk
 
     @property
     def gated(self) -> bool:
+        """The output is multiplied by gelu_tanh(x θ_g): `use_gate`, else the variant's choice."""
         return self.variant == "mamba" if self.use_gate is None else self.use_gate
 
-    def replace(self, **changes) -> TTTConfig:
+    def replace(self, **changes: Any) -> TTTConfig:
+        """A copy with `changes` applied (validated again)."""
         return dataclasses.replace(self, **changes)
 
     # Presets: the TTT-LM 125M layer shape, and a tiny one for tests and examples.
     @classmethod
-    def ttt_125m(cls, **overrides) -> TTTConfig:
+    def ttt_125m(cls, **overrides: Any) -> TTTConfig:
+        """The TTT-LM 125M layer: hidden 768, 12 heads (d = 64), mini-batch 16; `overrides` replace fields."""
         return cls(**{"hidden_size": 768, "num_heads": 12, "mini_batch_size": 16, **overrides})
 
     @classmethod
-    def tiny(cls, **overrides) -> TTTConfig:
+    def tiny(cls, **overrides: Any) -> TTTConfig:
+        """A tiny layer for tests and examples: hidden 32, 4 heads (d = 8), mini-batch 4, chunk 8."""
         return cls(**{"hidden_size": 32, "num_heads": 4, "mini_batch_size": 4, "chunk_size": 8, **overrides})

@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.typing import ArrayLike, DTypeLike
 
 from ponderttt.ttt import ops
 from ponderttt.ttt.config import TTTConfig
-from ponderttt.ttt.inner import (
-    Fast,
-    LinearInner,
-    LoRAInner,
-    MLPInner,
-    dual_scan,
-    primal_scan,
-    primal_state,
-    primal_step,
-)
+from ponderttt.ttt.inner import Fast, InnerInputs, InnerModel, dual_scan, primal_scan, primal_state, primal_step
+from ponderttt.ttt.inner_models import LinearInner, LoRAInner, MLPInner
 
 
 class FrozenWeight(nnx.Variable):
@@ -54,7 +47,12 @@ class TTTStats:
 
 
 def expand_gating_scale(
-    gating_scale, batch: int, num_mb: int, num_chunks: int, mb_per_chunk: int, dtype=jnp.float32
+    gating_scale: ArrayLike | None,
+    batch: int,
+    num_mb: int,
+    num_chunks: int,
+    mb_per_chunk: int,
+    dtype: DTypeLike = jnp.float32,
 ) -> jax.Array:
     """None | scalar | [B] | [B, n_chunks] | [B, n_minibatches] -> λ [B, M] (float32 unless dtype says otherwise)."""
     if gating_scale is None:
@@ -75,7 +73,7 @@ def expand_gating_scale(
     )
 
 
-def _per_chunk(loss_bm, tokens_m, mb_per_chunk: int, num_chunks: int):
+def _per_chunk(loss_bm: jax.Array, tokens_m: jax.Array, mb_per_chunk: int, num_chunks: int) -> jax.Array:
     """Token-weighted mean of per-mini-batch losses [B, M, ...] over each chunk -> [B, N, ...]."""
     num_mb = loss_bm.shape[1]
     pad = num_chunks * mb_per_chunk - num_mb
@@ -87,26 +85,30 @@ def _per_chunk(loss_bm, tokens_m, mb_per_chunk: int, num_chunks: int):
 
 
 def run_dual(
-    model,
+    model: InnerModel,
     cfg: TTTConfig,
-    q,
-    k,
-    v,
-    lr,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    lr: jax.Array,
     fast: Fast,
     fast_init: Fast,
-    token_scale,
+    token_scale: jax.Array,
     *,
-    extra=None,
-    rope=None,
-    gating_scale=None,
+    extra: jax.Array | None = None,
+    rope: tuple[jax.Array, jax.Array] | None = None,
+    gating_scale: ArrayLike | None = None,
     num_steps: int = 1,
-    reset_mask=None,
+    reset_mask: ArrayLike | None = None,
     chunk_size: int | None = None,
-):
-    """Dual-form TTT over a sequence. q, k, v, extra: [B, T, h, d] in the inner dtype; lr: [B, h, T].
+) -> tuple[jax.Array, TTTStats]:
+    """Dual-form TTT over a sequence: lays it out in mini-batches (`InnerInputs`), runs `dual_scan`, reads out.
+
+    q, k, v, extra: [B, T, h, d] in the inner dtype; lr: [B, h, T] the column factor r_j of η; fast: [B, ...]
+    leaves to start from; fast_init: the learned initial weights (unbatched leaves); token_scale: s_i [K].
     rope: None, or the tables (cos, sin) [K, d / 2] to rotate q and k by their position in the mini-batch
     (t mod K); applied here, in the mini-batch layout, where that position is an axis (no gather).
+    gating_scale, num_steps, reset_mask, chunk_size: as in the layers' `__call__`.
 
     Returns (per-head outputs [B, T, h, d], TTTStats)."""
     if not isinstance(num_steps, int) or num_steps < 0:
@@ -130,38 +132,48 @@ def run_dual(
     q_mb, k_mb = to_mb(q), to_mb(k)
     if rope is not None:
         q_mb, k_mb = ops.apply_rope(q_mb, *rope), ops.apply_rope(k_mb, *rope)
-    xs: dict[str, Any] = {"q": q_mb, "k": k_mb, "v": to_mb(v), "extra": None if extra is None else to_mb(extra)}
+    v_mb = to_mb(v)
+    extra_mb = None if extra is None else to_mb(extra)
     valid_np = (np.arange(padded) < seq).reshape(num_mb, mbs)
-    xs["valid"] = jnp.asarray(valid_np, ftype)
+    valid = jnp.asarray(valid_np, ftype)  # [M, K]
     tokens_m = valid_np.sum(axis=1).astype(np.int32)
-    xs["active"] = (lam.T != 0) & jnp.asarray(tokens_m > 0)[:, None]
+    active = (lam.T != 0) & jnp.asarray(tokens_m > 0)[:, None]  # [M, B]
 
     lr_mb = jnp.pad(lr, ((0, 0), (0, 0), (0, padded - seq))).reshape(batch, heads, num_mb, mbs).transpose(2, 0, 1, 3)
     tril = jnp.asarray(np.tril(np.ones((mbs, mbs))), ftype)
     # η[m, b, h, i, j] = s_i · r_j · λ[b, m] on j <= i (and, with resets, i and j in the same document).
     eta = token_scale[:, None] * lr_mb[..., None, :] * tril * lam.T[:, :, None, None, None]
+    seen = None
     if reset_mask is not None:
         reset = jnp.pad(jnp.asarray(reset_mask, bool), ((0, 0), (0, padded - seq)))
         doc = jnp.cumsum(reset.astype(jnp.int32), axis=1).reshape(batch, num_mb, mbs).transpose(1, 0, 2)
         eta = eta * (doc[..., :, None] == doc[..., None, :])[:, :, None].astype(ftype)
-        xs["seen"] = jnp.cumsum(reset.reshape(batch, num_mb, mbs).transpose(1, 0, 2).astype(jnp.int32), -1) > 0
+        seen = jnp.cumsum(reset.reshape(batch, num_mb, mbs).transpose(1, 0, 2).astype(jnp.int32), -1) > 0
     last_row = jnp.asarray(np.eye(mbs)[tokens_m - 1], ftype)  # [M, K] one-hot of the last real row
-    xs["eta"] = eta
-    xs["eta_last"] = jnp.einsum("mbhij,mi->mbhj", eta, last_row)
-    gram = jnp.einsum("mbhid,mbhjd->mbhij", xs["q"], xs["k"])
-    xs["a_qk"] = eta * (gram + 1.0) if model.has_bias else eta * gram
+    eta_last = jnp.einsum("mbhij,mi->mbhj", eta, last_row)
+    gram = jnp.einsum("mbhid,mbhjd->mbhij", q_mb, k_mb)
+    a_qk = eta * (gram + 1.0) if model.has_bias else eta * gram
 
     fast = jax.tree.map(lambda a: a.astype(ftype), fast)
     fast_init_b = jax.tree.map(lambda a: jnp.broadcast_to(a[None].astype(ftype), (batch, *a.shape)), fast_init)
     # Loss at the initial weights, for all mini-batches at once (no scan needed).
-    z_init = jax.vmap(lambda k_m, e_m: model.forward(fast_init_b, k_m, e_m))(xs["k"], xs["extra"])  # [M, B, h, K, d]
-    err_init = jnp.sum(model.loss(z_init, xs["k"], xs["v"]), axis=2)  # [M, B, K]
-    loss_init = (jnp.sum(err_init * xs["valid"][:, None], -1) / tokens_m[:, None]).T  # [B, M]
-    if reset_mask is not None:
-        xs["z_init"] = z_init
+    z_init = jax.vmap(lambda k_m, e_m: model.forward(fast_init_b, k_m, e_m))(k_mb, extra_mb)  # [M, B, h, K, d]
+    err_init = jnp.sum(model.loss(z_init, k_mb, v_mb), axis=2)  # [M, B, K]
+    loss_init = (jnp.sum(err_init * valid[:, None], -1) / tokens_m[:, None]).T  # [B, M]
 
-    if xs["extra"] is None:
-        del xs["extra"]
+    xs = InnerInputs(
+        q=q_mb,
+        k=k_mb,
+        v=v_mb,
+        eta=eta,
+        eta_last=eta_last,
+        a_qk=a_qk,
+        active=active,
+        valid=valid,
+        extra=extra_mb,
+        seen=seen,
+        z_init=None if reset_mask is None else z_init,
+    )
     final, skipped, ys = dual_scan(
         model,
         fast,
@@ -171,11 +183,11 @@ def run_dual(
         grad_clip=cfg.inner_grad_clip,
         remat_group=cfg.remat_group,
     )
-    out = model.output(xs["q"], ys["zbar"])  # [M, B, h, K, d]
+    out = model.output(q_mb, ys.zbar)  # [M, B, h, K, d]
     out = out.transpose(1, 0, 3, 2, 4).reshape(batch, padded, heads, dim)[:, :seq]
 
-    loss_step0 = ys["loss_step0"].T
-    loss_after = ys["loss_after"].transpose(1, 0, 2)
+    loss_step0 = ys.loss_step0.T
+    loss_after = ys.loss_after.transpose(1, 0, 2)
     tokens_m_j = jnp.asarray(tokens_m)
     stats = TTTStats(
         state=final,
@@ -199,38 +211,56 @@ def input_projections(cfg: TTTConfig) -> tuple[str, ...]:
     return ("q_proj",) + (() if cfg.qk_shared else ("k_proj",)) + ("v_proj",) + (("g_proj",) if cfg.gated else ())
 
 
-def _normal(rngs: nnx.Rngs, shape, std: float) -> jax.Array:
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float) -> jax.Array:
     return std * jax.random.normal(rngs.params(), shape, jnp.float32)
+
+
+class Views(NamedTuple):
+    """What a layer's `_views` computes from its input x [B, T, C] (T = 1 when decoding).
+
+    q, k, v and extra are [B, T, h, d] in the inner dtype (`ops.inner_dtype`; LoRA-TTT: h = 1, d = C).
+    """
+
+    q: jax.Array  # queries; RoPE applied only when `_views` was given positions (the dual form applies it later)
+    k: jax.Array  # keys; as q
+    v: jax.Array  # values
+    extra: jax.Array | None  # the inner model's precompute of k (LoRA-TTT: k P), or None
+    lr: jax.Array  # [B, h, T] the column factor r_j = base_lr · σ(x_j·w_h + c_h) / d of η (before λ)
+    aux: jax.Array | None  # what `_finish` needs besides the outputs: the gate's input [B, T, C], or None
+    conv_history: jax.Array | None  # [B, conv_kernel − 1, C] decoding with a shared-q convolution, else None
 
 
 class _FastWeightLayer(nnx.Module):
     """The call / primal / decode protocol shared by every layer. Subclasses provide:
-    `_views(x, positions, conv_history)` -> q, k, v, extra ([B, T, h, d] in the inner dtype, or None), lr [B, h, T],
-    aux, new conv history (positions None: q and k are returned without RoPE, which the dual form applies in its
-    mini-batch layout with `_rope_tables()`); `_finish(out [B, T, h, d], aux, dtype)` -> y; `_model()`;
-    `_fast_init()`."""
+    `_views(x, positions, conv_history)` -> `Views` (positions None: q and k are returned without RoPE, which the
+    dual form applies in its mini-batch layout with `_rope_tables()`); `_finish(out [B, T, h, d], aux, dtype)` -> y;
+    `_model()` (the `InnerModel`); `_fast_init()`."""
 
     cfg: TTTConfig
+    _has_extra: bool  # the inner model takes `Views.extra`
 
-    def _views(self, x_btc, positions, conv_history):
+    def _views(self, x_btc: jax.Array, positions: Any, conv_history: jax.Array | None) -> Views:
         raise TypeError(f"{type(self).__name__} must define _views()")
 
-    def _finish(self, out_bthd, aux, dtype):
+    def _finish(self, out_bthd: jax.Array, aux: jax.Array | None, dtype: DTypeLike) -> jax.Array:
         raise TypeError(f"{type(self).__name__} must define _finish()")
 
-    def _model(self):
+    def _model(self) -> InnerModel:
         raise TypeError(f"{type(self).__name__} must define _model()")
+
+    def _model_shape(self) -> tuple[int, int]:
+        raise TypeError(f"{type(self).__name__} must define _model_shape()")
 
     def _fast_init(self) -> Fast:
         raise TypeError(f"{type(self).__name__} must define _fast_init()")
 
-    def _token_scale(self, dtype=jnp.float32):
+    def _token_scale(self, dtype: DTypeLike = jnp.float32) -> jax.Array:
         return ops.token_scale(self.cfg.mini_batch_size, self.token_idx_offset[...], dtype)
 
-    def _rope_tables(self, dtype=jnp.float32):
+    def _rope_tables(self, dtype: DTypeLike = jnp.float32) -> tuple[jax.Array, jax.Array] | None:
         return None
 
-    def _check_input(self, x_btc):
+    def _check_input(self, x_btc: jax.Array) -> None:
         if x_btc.ndim != 3 or x_btc.shape[-1] != self.cfg.hidden_size:
             raise ValueError(
                 f"input has shape {tuple(x_btc.shape)}; expected [batch, time, {self.cfg.hidden_size}] (hidden_size)."
@@ -240,36 +270,57 @@ class _FastWeightLayer(nnx.Module):
         """Fresh fast weights for `batch_size` sequences (the layer's learned initial weights)."""
         return jax.tree.map(lambda a: jnp.broadcast_to(a[None], (batch_size, *a.shape)), self._fast_init())
 
-    def __call__(self, x_btc, *, gating_scale=None, num_steps: int = 1, state=None, reset_mask=None, chunk_size=None):
-        """y [B, T, C] (dtype of x), TTTStats. See the package README for every argument."""
+    def __call__(
+        self,
+        x_btc: jax.Array,
+        *,
+        gating_scale: ArrayLike | None = None,
+        num_steps: int = 1,
+        state: Fast | None = None,
+        reset_mask: ArrayLike | None = None,
+        chunk_size: int | None = None,
+    ) -> tuple[jax.Array, TTTStats]:
+        """y [B, T, C] (dtype of x), TTTStats. gating_scale: λ, None | scalar | [B] | [B, n_chunks] |
+        [B, n_minibatches]; num_steps: inner steps per mini-batch (0 = no update); state: fast weights to start
+        from (None: the learned initial ones); reset_mask: [B, T] bool, True where a document starts;
+        chunk_size: tokens per chunk for gating and stats (default cfg.chunk_size). See the package README."""
         self._check_input(x_btc)
-        q, k, v, extra, lr, aux, _ = self._views(x_btc, None, None)
+        views = self._views(x_btc, None, None)
         fast = self.init_state(x_btc.shape[0]) if state is None else state
         out, stats = run_dual(
             self._model(),
             self.cfg,
-            q,
-            k,
-            v,
-            lr,
+            views.q,
+            views.k,
+            views.v,
+            views.lr,
             fast,
             self._fast_init(),
-            self._token_scale(q.dtype),
-            extra=extra,
-            rope=self._rope_tables(q.dtype),
+            self._token_scale(views.q.dtype),
+            extra=views.extra,
+            rope=self._rope_tables(views.q.dtype),
             gating_scale=gating_scale,
             num_steps=num_steps,
             reset_mask=reset_mask,
             chunk_size=chunk_size,
         )
-        return self._finish(out, aux, x_btc.dtype), stats
+        return self._finish(out, views.aux, x_btc.dtype), stats
 
-    def primal_forward(self, x_btc, *, gating_scale=None, num_steps: int = 1, state=None, reset_mask=None):
+    def primal_forward(
+        self,
+        x_btc: jax.Array,
+        *,
+        gating_scale: ArrayLike | None = None,
+        num_steps: int = 1,
+        state: Fast | None = None,
+        reset_mask: ArrayLike | None = None,
+    ) -> tuple[jax.Array, Fast]:
         """Token-by-token primal form of `__call__` (slow; for tests and reference). Returns (y, final state)."""
         self._check_input(x_btc)
         cfg = self.cfg
         b, t, _ = x_btc.shape
-        q, k, v, extra, lr, aux, _ = self._views(x_btc, np.arange(t) % cfg.mini_batch_size, None)
+        views = self._views(x_btc, np.arange(t) % cfg.mini_batch_size, None)
+        q = views.q
         num_mb = -(-t // cfg.mini_batch_size)
         mb_per_chunk = cfg.chunk_size // cfg.mini_batch_size
         lam = expand_gating_scale(gating_scale, b, num_mb, -(-t // cfg.chunk_size), mb_per_chunk, q.dtype)
@@ -277,13 +328,13 @@ class _FastWeightLayer(nnx.Module):
         tok = lambda a: a.transpose(1, 0, 2, 3)[:, :, :, None, :]  # [B, T, h, d] -> [T, B, h, 1, d]
         toks = {
             "q": tok(q),
-            "k": tok(k),
-            "v": tok(v),
-            "lr": (lr * lam_t[:, None, :]).transpose(2, 0, 1),
+            "k": tok(views.k),
+            "v": tok(views.v),
+            "lr": (views.lr * lam_t[:, None, :]).transpose(2, 0, 1),
             "reset": jnp.zeros((t, b), bool) if reset_mask is None else jnp.asarray(reset_mask, bool).T,
         }
-        if extra is not None:
-            toks["extra"] = tok(extra)
+        if views.extra is not None:
+            toks["extra"] = tok(views.extra)
         final, _, zbar = primal_scan(
             self._model(),
             self.init_state(b) if state is None else state,
@@ -294,9 +345,9 @@ class _FastWeightLayer(nnx.Module):
             grad_clip=cfg.inner_grad_clip,
         )
         out = self._model().output(toks["q"], zbar)[:, :, :, 0, :].transpose(1, 0, 2, 3)
-        return self._finish(out, aux, x_btc.dtype), final
+        return self._finish(out, views.aux, x_btc.dtype), final
 
-    def _conv_history(self, batch_size: int):
+    def _conv_history(self, batch_size: int) -> jax.Array | None:
         return None
 
     def init_decode_state(self, batch_size: int, state: Fast | None = None) -> dict[str, Any]:
@@ -310,24 +361,33 @@ class _FastWeightLayer(nnx.Module):
             st["conv"] = history
         return st
 
-    def decode_step(self, x_b1c, dstate, *, gating_scale=None, num_steps: int = 1, reset=None):
+    def decode_step(
+        self,
+        x_b1c: jax.Array,
+        dstate: dict[str, Any],
+        *,
+        gating_scale: ArrayLike | None = None,
+        num_steps: int = 1,
+        reset: ArrayLike | None = None,
+    ) -> tuple[jax.Array, dict[str, Any]]:
         """One token with the primal form: (y [B, 1, C], new decode state). Matches `__call__` token by token
         for a sequence that starts at a mini-batch boundary. gating_scale: None | scalar | [B]; reset: [B] bool."""
         self._check_input(x_b1c)
         b = x_b1c.shape[0]
         pos = dstate["pos"]
-        q, k, v, extra, lr, aux, history = self._views(x_b1c, pos[None], dstate.get("conv"))
+        views = self._views(x_b1c, pos[None], dstate.get("conv"))
+        q = views.q
         lam = expand_gating_scale(gating_scale, b, 1, 1, 1, q.dtype)[:, 0]
         per_token = lambda a: a.transpose(0, 2, 1, 3)  # [B, 1, h, d] -> [B, h, 1, d]
         tok = {
             "q": per_token(q),
-            "k": per_token(k),
-            "v": per_token(v),
-            "lr": lr[:, :, 0] * lam[:, None],
+            "k": per_token(views.k),
+            "v": per_token(views.v),
+            "lr": views.lr[:, :, 0] * lam[:, None],
             "reset": jnp.zeros((b,), bool) if reset is None else jnp.asarray(reset, bool),
         }
-        if extra is not None:
-            tok["extra"] = per_token(extra)
+        if views.extra is not None:
+            tok["extra"] = per_token(views.extra)
         core = {key: val for key, val in dstate.items() if key != "conv"}
         new, zbar = primal_step(
             self._model(),
@@ -338,10 +398,10 @@ class _FastWeightLayer(nnx.Module):
             num_steps=num_steps,
             grad_clip=self.cfg.inner_grad_clip,
         )
-        if history is not None:
-            new["conv"] = history
+        if views.conv_history is not None:
+            new["conv"] = views.conv_history
         out = self._model().output(tok["q"], zbar).transpose(0, 2, 1, 3)
-        return self._finish(out, aux, x_b1c.dtype), new
+        return self._finish(out, views.aux, x_b1c.dtype), new
 
 
 class _TTTHeadsBase(_FastWeightLayer):
@@ -372,15 +432,15 @@ class _TTTHeadsBase(_FastWeightLayer):
         self.post_norm_weight = nnx.Param(jnp.ones((c,), jnp.float32))
         self.post_norm_bias = nnx.Param(jnp.zeros((c,), jnp.float32))
 
-    def _model_shape(self):
+    def _model_shape(self) -> tuple[int, int]:
         return (self.cfg.num_heads, self.cfg.head_dim)
 
-    def _conv_history(self, batch_size: int):
+    def _conv_history(self, batch_size: int) -> jax.Array | None:
         if not self.cfg.qk_shared:
             return None
         return jnp.zeros((batch_size, self.cfg.conv_kernel - 1, self.cfg.hidden_size), jnp.float32)
 
-    def _views(self, x_btc, positions, conv_history):
+    def _views(self, x_btc: jax.Array, positions: Any, conv_history: jax.Array | None) -> Views:
         cfg = self.cfg
         b, t, _ = x_btc.shape
         dt = x_btc.dtype
@@ -404,12 +464,12 @@ class _TTTHeadsBase(_FastWeightLayer):
             cos, sin = cos[positions][None, :, None], sin[positions][None, :, None]
             q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
         lr = ops.token_lr(x_btc, self.lr_weight[...], self.lr_bias[...], cfg.base_lr, cfg.head_dim, ftype)
-        return q, k, heads(got["v_proj"]), None, lr, got.get("g_proj"), new_history
+        return Views(q, k, heads(got["v_proj"]), None, lr, aux=got.get("g_proj"), conv_history=new_history)
 
-    def _rope_tables(self, dtype=jnp.float32):
+    def _rope_tables(self, dtype: DTypeLike = jnp.float32) -> tuple[jax.Array, jax.Array]:
         return ops.rope_tables(self.cfg.mini_batch_size, self.cfg.head_dim, self.cfg.rope_theta, dtype)
 
-    def _finish(self, out_bthd, gate_in, dtype):
+    def _finish(self, out_bthd: jax.Array, gate_in: jax.Array | None, dtype: DTypeLike) -> jax.Array:
         cfg = self.cfg
         b, t = out_bthd.shape[:2]
         y = ops.layer_norm(
@@ -422,7 +482,10 @@ class _TTTHeadsBase(_FastWeightLayer):
             y = ops.gelu_tanh(gate_in) * y
         return y @ self.o_proj[...].astype(dtype)
 
-    def _model(self):
+    def _inner(self) -> type[LinearInner | MLPInner]:
+        raise TypeError(f"{type(self).__name__} must define _inner()")
+
+    def _model(self) -> LinearInner | MLPInner:
         return self._inner()(
             self.ttt_norm_weight[...][:, None, :], self.ttt_norm_bias[...][:, None, :], self.cfg.ttt_norm_eps
         )
@@ -437,7 +500,7 @@ class TTTLinear(_TTTHeadsBase):
         self.W1 = nnx.Param(_normal(rngs, (h, d, d), cfg.init_std))
         self.b1 = nnx.Param(jnp.zeros((h, d), jnp.float32))
 
-    def _inner(self):
+    def _inner(self) -> type[LinearInner]:
         return LinearInner
 
     def _fast_init(self) -> Fast:
@@ -455,7 +518,7 @@ class TTTMLP(_TTTHeadsBase):
         self.W2 = nnx.Param(_normal(rngs, (h, e, d), cfg.init_std))
         self.b2 = nnx.Param(jnp.zeros((h, d), jnp.float32))
 
-    def _inner(self):
+    def _inner(self) -> type[MLPInner]:
         return MLPInner
 
     def _fast_init(self) -> Fast:
@@ -485,10 +548,10 @@ class LoRATTT(_FastWeightLayer):
         self.lr_bias = nnx.Param(jnp.zeros((1,), jnp.float32))
         self.token_idx_offset = nnx.Param(jnp.zeros((cfg.mini_batch_size,), jnp.float32))
 
-    def _model_shape(self):
+    def _model_shape(self) -> tuple[int, int]:
         return (1, self.cfg.hidden_size)
 
-    def _views(self, x_btc, positions, conv_history):
+    def _views(self, x_btc: jax.Array, positions: Any, conv_history: jax.Array | None) -> Views:
         del positions, conv_history
         b, t, c = x_btc.shape
         q, k, v = jnp.split(x_btc @ self.qkv_proj[...].astype(x_btc.dtype), 3, axis=-1)
@@ -497,13 +560,13 @@ class LoRATTT(_FastWeightLayer):
         k = one_head(k)
         extra = k @ self.frozen_proj[...].astype(ftype)
         lr = ops.token_lr(x_btc, self.lr_weight[...], self.lr_bias[...], self.cfg.base_lr, c, ftype)
-        return one_head(q), k, one_head(v), extra, lr, None, None
+        return Views(one_head(q), k, one_head(v), extra, lr, aux=None, conv_history=None)
 
-    def _finish(self, out_bthd, aux, dtype):
+    def _finish(self, out_bthd: jax.Array, aux: jax.Array | None, dtype: DTypeLike) -> jax.Array:
         b, t = out_bthd.shape[:2]
         return out_bthd.reshape(b, t, self.cfg.hidden_size).astype(dtype)
 
-    def _model(self):
+    def _model(self) -> LoRAInner:
         return LoRAInner()
 
     def _fast_init(self) -> Fast:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
 
-def inner_dtype(x_dtype) -> jnp.dtype:
+def inner_dtype(x_dtype: DTypeLike) -> np.dtype:
     """dtype of the inner loop, fast weights and stats for inputs of x_dtype: float32, or float64 for float64
     inputs (with jax_enable_x64; bfloat16 / float16 activations keep a float32 inner loop)."""
     return jnp.dtype(jnp.float64) if jnp.dtype(x_dtype) == jnp.float64 else jnp.dtype(jnp.float32)
@@ -22,10 +23,13 @@ def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> 
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:
+    """GELU with the tanh approximation (the official TTT-LM and GPT-2 activation)."""
     return jax.nn.gelu(x, approximate=True)
 
 
-def rope_tables(mini_batch_size: int, head_dim: int, theta: float, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+def rope_tables(
+    mini_batch_size: int, head_dim: int, theta: float, dtype: DTypeLike = jnp.float32
+) -> tuple[jax.Array, jax.Array]:
     """cos, sin [mini_batch_size, head_dim // 2] for positions 0..mini_batch_size-1, computed in float64 NumPy
     at trace time and rounded to dtype: constants of the compiled program (XLA would otherwise fuse cos/sin
     into every consumer and evaluate them once per element of q and k)."""
@@ -59,15 +63,20 @@ def causal_depthwise_conv(x_btc: jax.Array, weight_kc: jax.Array, bias_c: jax.Ar
     return out
 
 
-def token_scale(mini_batch_size: int, token_idx_offset: jax.Array, dtype=jnp.float32) -> jax.Array:
+def token_scale(mini_batch_size: int, token_idx_offset: jax.Array, dtype: DTypeLike = jnp.float32) -> jax.Array:
     """max(1/(i+1) + δ_i, 0) for positions i = 0..mini_batch_size-1: the row factor of η."""
     base = 1.0 / jnp.arange(1, mini_batch_size + 1, dtype=dtype)
     return jnp.maximum(base + token_idx_offset.astype(dtype), 0.0)
 
 
 def token_lr(
-    x_btc: jax.Array, lr_weight_hc: jax.Array, lr_bias_h: jax.Array, base_lr: float, head_dim: int, dtype=jnp.float32
-):
+    x_btc: jax.Array,
+    lr_weight_hc: jax.Array,
+    lr_bias_h: jax.Array,
+    base_lr: float,
+    head_dim: int,
+    dtype: DTypeLike = jnp.float32,
+) -> jax.Array:
     """base_lr · σ(x_j·w_h + c_h) / head_dim, [B, h, T] in dtype: the column factor of η."""
     # x @ wᵀ then a transpose of the small [B, T, h] result (an einsum straight to [B, h, T] transposes x)
     logits = (x_btc.astype(dtype) @ lr_weight_hc.astype(dtype).T).swapaxes(1, 2)
