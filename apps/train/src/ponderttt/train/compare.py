@@ -28,7 +28,12 @@ import numpy as np
 from ponderttt.eval import comparison_record, summarize_method
 from ponderttt.eval.protocol import ACTION_NAMES, UPDATE_ACTION
 from ponderttt.gating import (
+    SKIP,
+    Gate,
+    GateInput,
     GateOutput,
+    GumbelGate,
+    ReconGate,
     action_to_gating_scale,
     budget_count,
     make_gate,
@@ -86,22 +91,23 @@ class HeldOut:
         return np.bincount(order, loss.reshape(-1) * weights) / np.maximum(np.bincount(order, weights), 1)
 
 
-def update_score(gate: Any, inputs: Any, out: Any) -> Any:
+def update_score(gate: Gate, inputs: GateInput, out: GateOutput) -> jax.Array:
     """[B] how strongly a causal gate wants to update this chunk: higher updates first under `TopKBudget`.
 
     Reconstruction gates: the step-0 reconstruction loss (negated when inverted); gates with action logits
     (gumbel, ppo): log P(any update) − log P(SKIP); continuous gates: their scale λ."""
     if "logits" in out.aux:
         logits = out.aux["logits"]
-        actions = tuple(getattr(gate.cfg, "actions", range(logits.shape[-1])))
-        skip = actions.index(0)
+        # a Gumbel gate's logits follow its configured actions; PPO's follow the action codes
+        actions = tuple(gate.cfg.actions) if isinstance(gate, GumbelGate) else tuple(range(logits.shape[-1]))
+        skip = actions.index(SKIP)
         others = jnp.asarray([i for i in range(len(actions)) if i != skip])
         return jax.nn.logsumexp(logits[:, others], axis=-1) - logits[:, skip]
     if out.action is None:
         return out.scale
     if inputs.signal is None:
         raise ValueError(f"{type(gate).__name__} has no update score: it needs GateInput.signal")
-    return -inputs.signal if getattr(getattr(gate, "cfg", None), "invert", False) else inputs.signal
+    return -inputs.signal if isinstance(gate, ReconGate) and gate.cfg.invert else inputs.signal
 
 
 class TopKBudget:

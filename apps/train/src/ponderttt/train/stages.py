@@ -24,12 +24,6 @@ from ponderttt.train.rundir import RunDir, config_hash, require_backbone_dir, re
 LATER_STAGES = ("gate", "compare", "analyze", "evaluate")  # commands that work on an existing run
 
 
-def _check_backbone(config: Any) -> None:
-    path = getattr(getattr(config, "backbone", None), "path", None)
-    if path is not None:
-        require_backbone_dir(path)
-
-
 def _existing_run(config: Any, command: str, preset: str) -> RunDir:
     """The run a later stage reads: --name is required, and the directory must exist."""
     if config.run.name is None:
@@ -47,7 +41,8 @@ def check_prerequisites(command: str, preset: str, config: Any) -> None:
         for scale in config.scales:
             require_backbone_dir(root / SCALE_DIRS[scale], flag=f"--scales {scale} (under --backbone-root)")
         return
-    _check_backbone(config)
+    if config.backbone.path is not None:  # every command but reproduce has a backbone section
+        require_backbone_dir(config.backbone.path)
     if command == "pretrain" and config.backbone.path is not None:
         raise ConfigError(f"--backbone.path={config.backbone.path}: `pretrain` trains the in-house GPT-2; an HF "
                           "backbone needs no pretraining (use `ttt` or `pipeline` with it)")
