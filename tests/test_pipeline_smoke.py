@@ -116,6 +116,12 @@ def test_smoke_pipeline(tmp_path):
     for c in doc["comparisons"][1:]:
         assert f"compare: {verdict(c, unit='nats')['text']}" in proc.stdout
         assert verdict(c)["head"] in (run / "report.md").read_text()
+    # one resample count everywhere: each signal row of signals.md / signals.json (the analyze stage) is the row of
+    # results.json / report.md (the compare stage), CI included (the same held-out chunks at the smoke preset)
+    analyze = run_app("analyze", "--preset", "smoke", "--output-dir", str(tmp_path), "--name", "smoke", "--no-progress")
+    assert analyze.returncode == 0, analyze.stderr[-4000:]
+    analyzed = json.loads((run / "signals.json").read_text())
+    assert analyzed and analyzed == doc["signals"]
     assert (run / "pareto.png").is_file()
     stages = {json.loads(line)["stage"] for line in (run / "metrics.jsonl").read_text().splitlines()}
     assert stages == {"pretrain", "ttt"} | {f"gate_{g}" for g in LEARNED}

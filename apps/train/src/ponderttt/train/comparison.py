@@ -89,23 +89,22 @@ def run_analyze(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any) -
     if not held.signals:
         raise ConfigError(f"--analyze.signals={' '.join(config.analyze.signals)}: none of them is computed; "
                           "available: recon_loss, entropy, confidence, ttt_improvement")
-    rows, _ = analyze_signals(config, held, n_resamples=1000)
+    rows, _ = analyze_signals(config, held)
     if jax.process_index() == 0:
         (run_dir.root / "signals.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
         (run_dir.root / "signals.md").write_text(render_signals_markdown(rows))
         say(f"analyze: wrote {run_dir.root / 'signals.md'} and signals.json")
 
 
-def analyze_signals(config: Any, held: HeldOut, n_resamples: int | None = None
-                    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def analyze_signals(config: Any, held: HeldOut) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Pearson / Spearman r of every per-chunk signal with the oracle advantage (the published scaling table):
     (rows of `ponderttt.eval.signal_table`, the columns they were computed from)."""
     model = config.backbone.path or f"in-house GPT-2 {config.backbone.n_layer}x{config.backbone.n_embd}"
     columns: dict[str, Any] = {name: values.reshape(-1) for name, values in held.signals.items()}
     columns.update({"oracle_advantage": held.advantage.reshape(-1), "language": held.languages.reshape(-1),
                     "model": [model] * held.advantage.size})
-    resamples = n_resamples if n_resamples is not None else config.compare.n_resamples
-    rows = signal_table(columns, signals=tuple(held.signals), n_resamples=resamples, seed=config.run.seed)
+    rows = signal_table(columns, signals=tuple(held.signals), n_resamples=config.compare.n_resamples,
+                        seed=config.run.seed)
     for row in rows:
         if row.get("signal") == "recon_loss" and row.get("language") in ("all", held.languages.flat[0]):
             say(f"analyze: r(recon_loss, oracle advantage) = {row['pearson_r']:+.3f} on {row['n']} chunks")

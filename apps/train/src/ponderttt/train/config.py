@@ -285,7 +285,8 @@ class CompareConfig:
     eval_sequences: int = 64
     """Held-out sequences evaluated (the same ones for every method)."""
     n_resamples: int = 1000
-    """Bootstrap resamples of the confidence intervals (documents are resampled)."""
+    """Bootstrap resamples of every confidence interval of the run (compare, analyze and evaluate use this one
+    count, so that a number has the same CI in every file); documents (problems for benchmarks) are resampled."""
 
     def __post_init__(self) -> None:
         _require(self.n_resamples >= 10, f"--compare.n-resamples={self.n_resamples} must be at least 10")
@@ -441,6 +442,8 @@ class AnalyzeCommand:
     backbone: BackboneConfig = BackboneConfig()
     adapter: AdapterConfig = AdapterConfig()
     analyze: AnalyzeConfig = AnalyzeConfig()
+    compare: CompareConfig = CompareConfig()
+    """Only --compare.n-resamples is read: one bootstrap count for every CI of a run."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -453,6 +456,8 @@ class EvaluateCommand:
     backbone: BackboneConfig = BackboneConfig()
     adapter: AdapterConfig = AdapterConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    compare: CompareConfig = CompareConfig()
+    """Only --compare.n-resamples is read: one bootstrap count for every CI of a run."""
 
 
 @dataclasses.dataclass(frozen=True)

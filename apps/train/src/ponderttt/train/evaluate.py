@@ -60,7 +60,6 @@ REPORT_FILE = "evaluate.md"
 SAMPLES_FILE = "evaluate_samples.jsonl"
 SCHEMA_VERSION = 1
 BUDGETED_GATES = ("recon", "random")
-N_RESAMPLES = 1000  # bootstrap resamples of the CIs over problems
 
 
 # ----------------------------------------------------------------------------------------------- benchmarks
@@ -243,7 +242,7 @@ def calibration_signal(config: Any, tok: Any, model: Any, mesh: Any) -> np.ndarr
 
 def evaluate_task(model: Any, tok: Any, task: Task, method: str, runner: GenerationGate, *,
                   evaluate: EvaluateConfig, chunk_size: int, seed: int = 0, progress: bool = False,
-                  n_resamples: int = N_RESAMPLES) -> tuple[dict[str, Any], list[dict]]:
+                  n_resamples: int = 1000) -> tuple[dict[str, Any], list[dict]]:
     """Generates and grades one benchmark under one gate (`method`, run by `runner`): (its record, one sample
     dict per problem).
 
@@ -312,10 +311,11 @@ def run_evaluate(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, 
         for method in sorted(ev.gates, key=lambda g: g != "skip"):  # skip first: the others are paired with it
             runner = gate_runner(method, budget=ev.budget, calibration_signal=calibration, seed=config.run.seed)
             record, task_samples = evaluate_task(model, tok, task, method, runner, evaluate=ev, chunk_size=chunk_size,
-                                                 seed=config.run.seed, progress=progress)
+                                                 seed=config.run.seed, progress=progress,
+                                                 n_resamples=config.compare.n_resamples)
             passed[method] = np.asarray([sample["passed"] for sample in task_samples], np.float64)
             if method != "skip" and "skip" in passed:
-                d = paired_difference_ci(passed[method], passed["skip"], n_resamples=N_RESAMPLES,
+                d = paired_difference_ci(passed[method], passed["skip"], n_resamples=config.compare.n_resamples,
                                          seed=config.run.seed)  # the same problems under two gates
                 record["vs_skip"] = {"difference": d.value, "ci": [d.low, d.high], "ci_method": d.method}
             records.append(record)
