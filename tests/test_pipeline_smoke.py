@@ -19,7 +19,7 @@ LEARNED = ("gumbel", "continuous", "ppo")
 # Regenerate (after a change that is meant to alter results) with
 # PONDERTTT_WRITE_SMOKE_FIXTURE=1 uv run pytest tests/test_pipeline_smoke.py
 SMOKE_FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "smoke_results.json"
-CLOCK_FIELDS = ("created", "wall_clock_s")
+CLOCK_FIELDS = ("created", "wall_clock_s", "provenance")  # and the machine's record (code, versions, devices)
 
 
 def run_app(*args: str) -> subprocess.CompletedProcess:
@@ -122,10 +122,19 @@ def test_smoke_pipeline(tmp_path):
     assert analyze.returncode == 0, analyze.stderr[-4000:]
     analyzed = json.loads((run / "signals.json").read_text())
     assert analyzed and analyzed == doc["signals"]
+    # the run describes itself: code version, package and library versions, devices, in config.json and results.json
+    for record in (json.loads((run / "config.json").read_text())["provenance"], doc["run"]["provenance"]):
+        assert len(record["git"]["commit"]) == 40 and isinstance(record["git"]["dirty"], bool)
+        assert {"ponderttt-ttt", "ponderttt-models", "ponderttt-gating", "ponderttt-data", "ponderttt-eval",
+                "ponderttt-train"} <= set(record["packages"])
+        assert all(record["libraries"][name] for name in ("python", "jax", "jaxlib", "flax", "optax",
+                                                            "orbax-checkpoint", "grain"))
+        assert record["devices"]["backend"] == "cpu" and record["devices"]["process_count"] == 1
     assert (run / "pareto.png").is_file()
     stages = {json.loads(line)["stage"] for line in (run / "metrics.jsonl").read_text().splitlines()}
     assert stages == {"pretrain", "ttt"} | {f"gate_{g}" for g in LEARNED}
-    assert (run / "adapter").is_dir() and list((run / "tensorboard" / "ttt").glob("events.*"))
+    assert (run / "adapter").is_dir()
+    assert all(list((run / "tensorboard" / stage).glob("events.*")) for stage in stages)  # as the README says
     assert all((run / f"gate_{g}").is_dir() for g in LEARNED)
 
     # a `gate` run killed after its first checkpoint: the PPO gate (optimizer, PID controller, RNG, data iterator)

@@ -21,6 +21,7 @@ from ponderttt.train.backbone import EVAL_BATCHES
 from ponderttt.train.compare import HeldOut
 from ponderttt.train.config import ConfigError
 from ponderttt.train.distributed import say
+from ponderttt.train.provenance import provenance
 from ponderttt.train.rundir import RunDir
 
 
@@ -58,7 +59,7 @@ def run_compare(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, c
     run_info = {"run": run_dir.name, "command": command, "seed": config.run.seed,
                 "backbone": config.backbone.path or "in-house GPT-2", "adapter": config.adapter.kind,
                 "n_sequences": int(held.tokens.shape[0]), "chunks_per_sequence": int(held.tokens.shape[1]),
-                "protocols_evaluated": protocols}
+                "protocols_evaluated": protocols, "provenance": provenance()}
     headline = None
     for comparison in comparisons:  # verdicts follow the paired CI over documents, never the means alone
         decided = verdict(comparison, unit="nats")

@@ -53,6 +53,7 @@ from ponderttt.train import corpus, heldout
 from ponderttt.train.backbone import EVAL_BATCHES
 from ponderttt.train.config import ConfigError, EvaluateConfig, to_dict
 from ponderttt.train.distributed import say
+from ponderttt.train.provenance import provenance
 from ponderttt.train.rundir import RunDir
 
 RESULTS_FILE = "evaluate.json"
@@ -328,7 +329,7 @@ def run_evaluate(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, 
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "run": {"name": run_dir.name,
                 "backbone": config.backbone.path or "in-house GPT-2",
-                "adapter": config.adapter.kind, "seed": config.run.seed},
+                "adapter": config.adapter.kind, "seed": config.run.seed, "provenance": provenance()},
         "config": to_dict(ev),
         "generation": {"chunk_size": chunk_size, "mini_batch_size": model.ttt_config.mini_batch_size,
                        "context": context_length(model),

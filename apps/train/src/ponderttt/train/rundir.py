@@ -111,11 +111,14 @@ class RunDir:
                               f"`uv run apps/train {produced_by} --name {self.name}` first (or the whole pipeline)")
         return self.checkpoints(stage)
 
-    def write_config(self, command: str, preset: str, config: Any) -> None:
-        """Creates the directory and writes config.json: {command, preset, hash (`config_hash`), config}."""
+    def write_config(self, command: str, preset: str, config: Any, *, provenance: dict[str, Any] | None = None,
+                     file: pathlib.Path | None = None) -> None:
+        """Creates the directory and writes `file` (default config.json): {command, preset, hash (`config_hash`),
+        config, provenance (code, library and device versions: `ponderttt.train.provenance`)}."""
         self.root.mkdir(parents=True, exist_ok=True)
-        record = {"command": command, "preset": preset, "hash": config_hash(config), "config": to_dict(config)}
-        self.config_file.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        record = {"command": command, "preset": preset, "hash": config_hash(config), "config": to_dict(config),
+                  "provenance": provenance}
+        (file or self.config_file).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def stamp(now: datetime.datetime | None = None) -> str:

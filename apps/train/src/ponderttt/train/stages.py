@@ -17,8 +17,9 @@ import jax
 from ponderttt.data import load_tokenizer
 from ponderttt.train import adapter, aggregate, backbone, corpus, distributed, evaluate, gates
 from ponderttt.train.comparison import run_analyze, run_compare
-from ponderttt.train.config import SCALE_DIRS, TRAINABLE_GATES, BackboneConfig, ConfigError, PipelineCommand, to_dict
+from ponderttt.train.config import SCALE_DIRS, TRAINABLE_GATES, BackboneConfig, ConfigError, PipelineCommand
 from ponderttt.train.distributed import say
+from ponderttt.train.provenance import provenance
 from ponderttt.train.rundir import RunDir, config_hash, require_backbone_dir, resolve_run_dir, stamp
 
 LATER_STAGES = ("gate", "compare", "analyze", "evaluate")  # commands that work on an existing run
@@ -81,13 +82,7 @@ def start(command: str, preset: str, config: Any) -> tuple[RunDir, Any]:
             raise ConfigError(f"--resume: the flags differ from those `{command}` of run {run_dir.name!r} started "
                               f"with ({record}); pass the same preset and flags to resume bit-identically")
     elif jax.process_index() == 0:
-        if command in LATER_STAGES:
-            run_dir.root.mkdir(parents=True, exist_ok=True)
-            record.write_text(json.dumps(
-                {"command": command, "preset": preset, "hash": config_hash(config), "config": to_dict(config)},
-                indent=2, sort_keys=True) + "\n")
-        else:
-            run_dir.write_config(command, preset, config)
+        run_dir.write_config(command, preset, config, provenance=provenance(), file=record)
     return run_dir, mesh
 
 
