@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -108,6 +109,9 @@ def test_smoke_pipeline(tmp_path):
     low, high = comparison["difference"]["ci"]
     assert ("no significant difference" in headline) == (low <= 0 <= high or comparison["n"] < 2)
     assert f"held-out code: {headline}" in proc.stdout and headline in (run / "report.md").read_text()
+    log = (run / "run.log").read_text().splitlines()  # the console's lines, timestamped, also in the run's log
+    assert any(line.endswith(f"held-out code: {headline}") for line in log)
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", line) for line in log if line)
     assert (comparison["n"] < 30) == ("compare: warning: only" in proc.stdout)
     # every budgeted gate against random at the same budget, each with its verdict in the log and in report.md
     against_random = {(c["a"]["method"], c["a"]["budget"]) for c in doc["comparisons"][1:]}

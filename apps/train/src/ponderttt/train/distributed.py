@@ -15,6 +15,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from ponderttt.train.config import ConfigError, MeshConfig, PlatformConfig
+from ponderttt.train.logs import LOG
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both data-parallel axes
@@ -105,6 +106,6 @@ def to_host(tree: Any) -> Any:
 
 
 def say(message: str) -> None:
-    """Prints `message` once per run: on process 0."""
+    """Logs `message` once per run, on process 0: with a timestamp, to stdout and the run's run.log (`logs`)."""
     if jax.process_index() == 0:
-        print(message, flush=True)
+        LOG.info(message)

@@ -19,6 +19,7 @@ from ponderttt.train import adapter, aggregate, backbone, corpus, distributed, e
 from ponderttt.train.comparison import run_analyze, run_compare
 from ponderttt.train.config import SCALE_DIRS, TRAINABLE_GATES, BackboneConfig, ConfigError, PipelineCommand
 from ponderttt.train.distributed import say
+from ponderttt.train.logs import attach_run_log
 from ponderttt.train.provenance import provenance
 from ponderttt.train.rundir import RunDir, config_hash, require_backbone_dir, resolve_run_dir, stamp
 
@@ -83,6 +84,8 @@ def start(command: str, preset: str, config: Any) -> tuple[RunDir, Any]:
                               f"with ({record}); pass the same preset and flags to resume bit-identically")
     elif jax.process_index() == 0:
         run_dir.write_config(command, preset, config, provenance=provenance(), file=record)
+    if jax.process_index() == 0:
+        say(f"{command}: run {run_dir.name}, log in {attach_run_log(run_dir.root)}")
     return run_dir, mesh
 
 
