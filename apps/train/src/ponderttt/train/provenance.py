@@ -10,6 +10,7 @@ Nothing here reads a machine path into the record.
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import platform
 import subprocess
@@ -46,12 +47,14 @@ def _version(distribution: str) -> str | None:
 
 def package_versions() -> dict[str, str]:
     """Versions of the installed ponderttt distributions, by name."""
-    names = {d.metadata["Name"] for d in metadata.distributions() if (d.metadata["Name"] or "").startswith("ponderttt")}
-    return {name: metadata.version(name) for name in sorted(names)}
+    found = {d.metadata["Name"]: d.version for d in metadata.distributions()}
+    return dict(sorted((name, v) for name, v in found.items() if name and name.startswith("ponderttt")))
 
 
+@functools.cache
 def provenance() -> dict[str, Any]:
-    """The code, library and device record of this process (see the module doc)."""
+    """The code, library and device record of this process (see the module doc); taken once per process (the
+    config file and the results of a run share it). Callers must not mutate it."""
     devices = jax.devices()
     return {
         "git": git_state(),

@@ -85,14 +85,13 @@ def start(command: str, preset: str, config: Any) -> tuple[RunDir, Any]:
     elif jax.process_index() == 0:
         run_dir.write_config(command, preset, config, provenance=provenance(), file=record)
     if jax.process_index() == 0:
-        say(f"{command}: run {run_dir.name}, log in {attach_run_log(run_dir.root)}")
+        say(f"run directory: {run_dir.root} (log: {attach_run_log(run_dir.root).name})")
     return run_dir, mesh
 
 
 def run_pretrain(command: str, preset: str, config: Any) -> tuple[RunDir, pathlib.Path]:
     """The in-house GPT-2 backbone, pretrained (or reused from the cache); returns (run_dir, its folder)."""
     run_dir, mesh = start(command, preset, config)
-    say(f"run directory: {run_dir.root}")
     return run_dir, _pretrain(config, run_dir, mesh, _tokenizer(config))[0]
 
 
@@ -130,7 +129,6 @@ def _model_with_adapter(config: Any, run_dir: RunDir, mesh: Any, tok: Any) -> An
 def run_ttt(command: str, preset: str, config: Any) -> tuple[RunDir, Any, Any, Any]:
     """Backbone, then the adapter trained with UPDATE_k; returns (run_dir, mesh, tokenizer, model)."""
     run_dir, mesh = start(command, preset, config)
-    say(f"run directory: {run_dir.root}")
     tok = _tokenizer(config)
     model = _model_with_adapter(config, run_dir, mesh, tok)
     metrics = adapter.train_adapter(run=config.run, data=config.data, adapter=config.adapter, run_dir=run_dir,

@@ -4,6 +4,7 @@ protocols is in `inner.py`."""
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import ClassVar
 
@@ -50,7 +51,7 @@ def ln_loss_grad(
 
 
 @dataclasses.dataclass(frozen=True)
-class _LayerNormInner:
+class _LayerNormInner(abc.ABC):
     """Shared by TTT-Linear and TTT-MLP: loss ½‖LN(z) − (v − k)‖² with a per-head LayerNorm, output q + LN(z̄)."""
 
     ln_weight: jax.Array  # [h, 1, d]
@@ -58,8 +59,9 @@ class _LayerNormInner:
     eps: float
     has_bias: ClassVar[bool] = True
 
+    @abc.abstractmethod
     def forward(self, fast: Fast, x: jax.Array, extra: jax.Array | None = None) -> jax.Array:
-        raise NotImplementedError
+        """z = f(x; fast), defined by each inner model."""
 
     def loss_grad(self, z: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(½‖err‖² per token [B, h, K], dℓ/dz [B, h, K, d]); the LN backward comes from jax.vjp."""
