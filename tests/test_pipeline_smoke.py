@@ -20,7 +20,8 @@ LEARNED = ("gumbel", "continuous", "ppo")
 # Regenerate (after a change that is meant to alter results) with
 # PONDERTTT_WRITE_SMOKE_FIXTURE=1 uv run pytest tests/test_pipeline_smoke.py
 SMOKE_FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "smoke_results.json"
-CLOCK_FIELDS = ("created", "wall_clock_s", "provenance")  # and the machine's record (code, versions, devices)
+# the fields that depend on the clock (creation time, measured wall-clock costs) and the machine's record
+CLOCK_FIELDS = ("created", "wall_clock_s", "wall_clock_spread_s", "wall_clock_overheads", "provenance")
 
 
 def run_app(*args: str) -> subprocess.CompletedProcess:
@@ -134,6 +135,25 @@ def test_smoke_pipeline(tmp_path):
         assert all(record["libraries"][name] for name in ("python", "jax", "jaxlib", "flax", "optax",
                                                             "orbax-checkpoint", "grain"))
         assert record["devices"]["backend"] == "cpu" and record["devices"]["process_count"] == 1
+    # wall-clock costs: each action's forward timed alone, repeated; the gates' probe and features as their own rows,
+    # paid by the methods that read them; the wall-clock frontier no finer than the timings' spread
+    table = doc["cost_table"]
+    assert all(a["wall_clock_repeats"] == 10 and a["wall_clock_s"] > 0 and a["wall_clock_spread_s"] >= 0
+               for a in table.values())
+    assert set(doc["wall_clock_overheads"]) == {"recon_probe", "gate_features"}
+    probe = max(doc["wall_clock_overheads"]["recon_probe"]["median_s"], 0.0)
+    features = max(doc["wall_clock_overheads"]["gate_features"]["median_s"], 0.0)
+    for method, paid in (("random", 0.0), ("recon", probe), ("gumbel", probe + features)):
+        record, rate = by[(method, 0.5, "reset")], by[(method, 0.5, "reset")]["actions"]
+        mixed = sum(rate[name] * table[name]["wall_clock_s"] for name in rate)
+        assert record["cost"]["wall_clock_s"] == pytest.approx(mixed + paid, rel=1e-9), method
+    wall = doc["pareto"]["reset"]["wall_clock_s"]
+    spread = max(r["cost"]["wall_clock_spread_s"] for r in doc["results"] if r["protocol"] == "reset")
+    assert wall["resolution"] == pytest.approx(spread)
+    steps = np.diff([p["cost"] for p in wall["frontier"]])
+    assert np.all(steps > wall["resolution"])
+    report = (run / "report.md").read_text()
+    assert "| + recon_probe |" in report and "| + gate_features |" in report and "Spread ms (IQR)" in report
     assert (run / "pareto.png").is_file()
     stages = {json.loads(line)["stage"] for line in (run / "metrics.jsonl").read_text().splitlines()}
     assert stages == {"pretrain", "ttt"} | {f"gate_{g}" for g in LEARNED}

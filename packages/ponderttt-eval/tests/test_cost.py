@@ -6,11 +6,13 @@ from hypothesis import strategies as st
 from ponderttt.eval.cost import (
     AdapterSpec,
     BackboneSpec,
+    WallClock,
     action_flops,
     action_steps,
     backbone_chunk_flops,
     build_cost_table,
     chunk_costs,
+    chunk_wall_clock,
     published_cost,
 )
 
@@ -117,3 +119,29 @@ def test_wall_clock_and_chunk_costs():
         chunk_costs(table, actions=[0], unit="wall_clock_s")
     roundtrip = type(timed).from_dict(timed.to_dict())
     assert roundtrip == timed
+
+
+def test_wall_clock_from_repeated_timings_and_overheads():
+    bb = BackboneSpec.gpt2_125m()
+    samples = {"skip": [1.0, 1.2, 1.1, 0.9, 5.0], "update_1": [2.0] * 5, "update_2": [3.0] * 5, "update_4": 4.0}
+    timed = build_cost_table(bb, AdapterSpec.for_backbone(bb), wall_clock_s=samples,
+                             overheads={"recon_probe": [0.4, 0.5, 0.6, 0.7, 0.5], "gate_features": [-0.1] * 5})
+    skip = timed["skip"]
+    assert (skip.wall_clock_s, skip.wall_clock_repeats) == (1.1, 5)  # the median: the outlier 5.0 does not move it
+    assert skip.wall_clock_spread_s == pytest.approx(1.2 - 1.0)  # IQR
+    assert (timed["update_4"].wall_clock_spread_s, timed["update_4"].wall_clock_repeats) == (0.0, 1)
+    assert WallClock.of([0.4, 0.5, 0.6, 0.7, 0.5]) == timed.overheads["recon_probe"]
+    cost, spread = chunk_wall_clock(timed, actions=["skip", "update_2"], overheads=("recon_probe",))
+    np.testing.assert_allclose(cost, [1.1 + 0.5, 3.0 + 0.5])
+    np.testing.assert_allclose(spread, [0.2 + 0.1, 0.0 + 0.1])
+    cost, _ = chunk_wall_clock(timed, lambdas=[0.0, 0.7], overheads=("gate_features",))
+    np.testing.assert_allclose(cost, [1.1, 2.0])  # an overhead timed below the noise adds nothing
+    with pytest.raises(ValueError, match=r"overheads \['probe'\] are not measured"):
+        chunk_wall_clock(timed, actions=[0], overheads=("probe",))
+    assert type(timed).from_dict(timed.to_dict(), timed.overheads_to_dict()) == timed
+    with pytest.raises(ValueError, match="names of actions"):
+        type(timed)(timed.actions, {"skip": WallClock(1.0, 0.0, 1)})
+    with pytest.raises(ValueError, match="need the actions' wall-clock"):
+        build_cost_table(bb, AdapterSpec.for_backbone(bb), overheads={"recon_probe": 1.0})
+    with pytest.raises(ValueError, match="finite"):
+        WallClock.of([1.0, float("nan")])

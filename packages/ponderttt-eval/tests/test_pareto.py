@@ -61,3 +61,26 @@ def test_frontier_invariants(pts):
     auc = frontier_auc(c, l)
     cheapest = float(frontier_loss(c, l, c.min()))  # the best loss at the lowest cost
     assert l.min() - 1e-9 <= auc["mean_loss"] <= cheapest + 1e-9
+
+
+def test_resolution_merges_steps_narrower_than_the_spread():
+    costs, losses = [1.0, 1.05, 2.0], [5.0, 4.0, 3.0]
+    assert pareto_frontier(costs, losses).tolist() == [0, 1, 2]
+    # 1.05 is within 0.1 of 1.0 and loses less: the cheaper point is not told apart from it
+    assert pareto_frontier(costs, losses, resolution=0.1).tolist() == [1, 2]
+    assert pareto_frontier(costs, losses, resolution=1.5).tolist() == [2]
+    with pytest.raises(ValueError, match="resolution"):
+        pareto_frontier(costs, losses, resolution=-1.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(pts=points, resolution=st.floats(0, 20))
+def test_frontier_steps_are_wider_than_the_resolution(pts, resolution):
+    c = np.array([p[0] for p in pts])
+    l = np.array([p[1] for p in pts])
+    front = pareto_frontier(c, l, resolution=resolution)
+    assert front.size >= 1 and np.all(np.diff(l[front]) < 0)
+    assert np.all(np.diff(c[front]) > resolution)
+    assert l[front].min() == l.min()  # the best loss is always on the frontier
+    if resolution == 0.0:
+        assert front.tolist() == pareto_frontier(c, l).tolist()

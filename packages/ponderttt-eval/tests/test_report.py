@@ -195,6 +195,8 @@ def test_write_report_end_to_end(toy, tmp_path):
     for key in ("pareto", "actions", "signals"):
         data = paths[key].read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 10_000
+        assert paths[key].with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"  # every plot also as vector graphics
+        assert b"<svg" in paths[key].with_suffix(".svg").read_bytes()[:2000]
     doc = load_results(paths["results"])
     assert doc["schema_version"] == SCHEMA_VERSION and len(doc["results"]) == len(recs)
     front = doc["pareto"]["reset"]["published"]["frontier"]
@@ -297,3 +299,68 @@ def test_chunks_without_tokens_are_ignored(toy):
     loss[5] = np.nan
     with pytest.raises(ReportError, match="loss has NaN/inf entries on chunks with tokens"):
         summarize_method("skip", "reset", loss=loss, tokens=tokens, actions=np.zeros(toy["n"], int))
+
+
+def test_measured_overheads_spread_and_wall_clock_resolution(toy, tmp_path):
+    bb = BackboneSpec(num_layers=2, hidden_size=64, num_heads=4, vocab_size=256, seq_len=256, chunk_size=128)
+    timings = {"skip": [0.010, 0.011, 0.009, 0.012, 0.010], "update_1": [0.020] * 5, "update_2": [0.030] * 5,
+               "update_4": [0.050] * 5}
+    table = build_cost_table(bb, AdapterSpec.for_backbone(bb), wall_clock_s=timings,
+                             overheads={"recon_probe": [0.004, 0.005, 0.006, 0.005, 0.005]})
+    n = toy["n"]
+    half = (np.arange(n) % 2).astype(int)
+    common = dict(tokens=toy["tokens"], cost_table=table, loss_skip=toy["loss_skip"], loss_update=toy["loss_update"],
+                  documents=toy["docs"], n_resamples=50)
+    plain = summarize_method("random", "reset", loss=toy["loss_skip"], actions=half, **common)
+    gated = summarize_method("recon", "reset", loss=toy["loss_skip"] - 1e-3, actions=half, overheads=("recon_probe",),
+                             **common)
+    assert plain["cost"]["wall_clock_s"] == pytest.approx(0.015)
+    assert gated["cost"]["wall_clock_s"] == pytest.approx(0.015 + 0.005)  # the gate pays its probe on every chunk
+    assert plain["cost"]["wall_clock_spread_s"] == pytest.approx(0.0005)  # mean of the chunks' IQRs: (0.001 + 0) / 2
+    assert gated["cost"]["wall_clock_spread_s"] == pytest.approx(0.0005)  # the probe's timings have IQR 0
+    doc = json.loads(write_report(tmp_path, [plain, gated], cost_table=table, plots=False)["results"].read_text())
+    probe = doc["wall_clock_overheads"]["recon_probe"]
+    assert probe == {"median_s": 0.005, "spread_s": pytest.approx(0.0), "repeats": 5}
+    wall = doc["pareto"]["reset"]["wall_clock_s"]
+    # 5 ms apart with a spread of 0.5 ms: two frontier points; FLOPs see the same cost, the lower loss wins alone
+    assert wall["resolution"] == pytest.approx(0.0005) and len(wall["frontier"]) == 2
+    assert [p["method"] for p in doc["pareto"]["reset"]["relative_flops"]["frontier"]] == ["recon"]
+    md = (tmp_path / "report.md").read_text()
+    assert "| + recon_probe | — | — | — | — | 5.000 | 0.000 | 5 |" in md
+    assert "| skip | 0 |" in md and "| 10.000 | 1.000 | 5 |" in md
+
+
+def test_paper_plots_show_cis_differences_to_skip_and_fits(toy):
+    from ponderttt.eval.plots import pareto_figure, signals_figure
+    from ponderttt.eval.report import build_results_json
+
+    doc = build_results_json(_suite(toy), cost_table=toy["table"])
+    fig = pareto_figure(doc)
+    panels = [ax for ax in fig.axes if ax.get_visible() and ax.axison]
+    assert len(panels) == 3  # relative FLOPs, published, wall-clock: one protocol
+    ax = panels[0]
+    assert ax.get_ylabel() == "Δ loss vs SKIP (nats / token)"
+    recon = sorted((r for r in doc["results"] if r["method"] == "recon_gate"), key=lambda r: r["budget"])
+    bars = {c.get_label(): c for c in ax.containers}
+    line, caps, (vertical, *_) = bars["recon_gate"]
+    np.testing.assert_allclose(line.get_ydata(), [r["loss"] - r["loss_skip"] for r in recon])
+    segments = vertical.get_segments()  # one error bar per budget: the loss CI, shifted by the SKIP loss
+    np.testing.assert_allclose([seg[:, 1] for seg in segments],
+                               [np.asarray(r["loss_ci"]) - r["loss_skip"] for r in recon])
+    skip = bars["skip"][0]
+    assert skip.get_ydata()[0] == pytest.approx(0.0)  # SKIP sits at 0 on the difference axis
+
+    samples = {"model": np.full(toy["n"], "toy"), "language": toy["langs"], "recon_loss": toy["recon"],
+               "constant": np.ones(toy["n"]), "oracle_advantage": toy["advantage"]}
+    rows = signal_table(samples, signals=["recon_loss"], n_resamples=100)
+    fig = signals_figure(samples, signal_names=["recon_loss", "constant"], rows=rows)
+    assert len(fig.axes) == 1  # the constant signal has no panel, and no empty panel is left
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "step-0 reconstruction loss" and ax.get_ylabel().startswith("oracle advantage")
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    go = next(r for r in rows if r["language"] == "go")
+    assert f"go: r = {go['pearson_r']:+.2f} [{go['pearson_ci'][0]:+.2f}, {go['pearson_ci'][1]:+.2f}], n = {go['n']}" \
+        in texts  # r and its CI as in report.md
+    assert len(ax.get_lines()) >= 2  # a fit line per language
+    with pytest.raises(ValueError, match="constant"):
+        signals_figure(samples, signal_names=["constant"])

@@ -53,6 +53,10 @@ GATE_SPECS = {
     "recon": "recon",
     "recon_inverted": "recon:inverted",
 }
+# method -> the cost table's measured overheads its gate pays on every chunk (wall-clock): the threshold gates read
+# the reconstruction probe, the learned gates their features (which include the probe's losses)
+METHOD_OVERHEADS = {"recon": ("recon_probe",), "recon_inverted": ("recon_probe",),
+                    **{name: ("recon_probe", "gate_features") for name in TRAINABLE_GATES}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +195,7 @@ def method_record(method: str, budget: float | None, protocol: str, held: HeldOu
         method, protocol, loss=flat(loss), tokens=flat(held.tokens), actions=names,
         lambdas=None if actions is not None else flat(scales), budget=budget,
         budget_unit=None if budget is None else "update_rate", cost_table=cost_table,
+        overheads=METHOD_OVERHEADS.get(method, ()) if cost_table is not None and cost_table.overheads else (),
         loss_skip=flat(held.loss[..., 0]), loss_update=flat(loss_update), languages=flat(held.languages),
         documents=flat(held.documents), n_resamples=n_resamples, seed=seed, extra=extra or None)
 

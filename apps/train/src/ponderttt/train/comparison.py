@@ -16,7 +16,7 @@ from typing import Any
 import jax
 
 from ponderttt.eval import render_signals_markdown, signal_table, verdict, write_report
-from ponderttt.train import carry, compare, corpus, heldout
+from ponderttt.train import carry, compare, corpus, heldout, timing
 from ponderttt.train.backbone import EVAL_BATCHES
 from ponderttt.train.compare import HeldOut
 from ponderttt.train.config import ConfigError
@@ -33,10 +33,12 @@ def run_compare(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, c
     language = corpus.language(data)
     n_batches = -(-cmp.eval_sequences // data.batch_size)
     test_batches = corpus.fixed_batches(data, tok, "test", n_batches)
-    held, wall = heldout.evaluate_held_out(model, test_batches, data=data, mesh=mesh, language=language)
-    val, _ = heldout.evaluate_held_out(model, corpus.fixed_batches(data, tok, "val", max(n_batches, EVAL_BATCHES)),
-                                       data=data, mesh=mesh, language=language, skip_only=True)
-    costs = heldout.cost_table(model.config, data, config.adapter, wall or None)
+    held = heldout.evaluate_held_out(model, test_batches, data=data, mesh=mesh, language=language)
+    val = heldout.evaluate_held_out(model, corpus.fixed_batches(data, tok, "val", max(n_batches, EVAL_BATCHES)),
+                                    data=data, mesh=mesh, language=language, skip_only=True)
+    say(f"compare: timing every action on one held-out batch ({cmp.timing_repeats} interleaved rounds)")
+    wall = timing.measure_wall_clock(model, test_batches[0], data=data, mesh=mesh, repeats=cmp.timing_repeats)
+    costs = heldout.cost_table(model.config, data, config.adapter, wall)
     trained = dict(trained or {})
     methods = list(cmp.methods)
 
@@ -84,8 +86,8 @@ def run_analyze(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any) -
     """Signal correlations on the held-out chunks: signals.json and signals.md in the run directory."""
     data = config.data
     n_batches = -(-config.analyze.eval_sequences // data.batch_size)
-    held, _ = heldout.evaluate_held_out(model, corpus.fixed_batches(data, tok, "test", n_batches), data=data,
-                                        mesh=mesh, language=corpus.language(data))
+    held = heldout.evaluate_held_out(model, corpus.fixed_batches(data, tok, "test", n_batches), data=data,
+                                     mesh=mesh, language=corpus.language(data))
     held = dataclasses.replace(held, signals={k: v for k, v in held.signals.items() if k in config.analyze.signals})
     if not held.signals:
         raise ConfigError(f"--analyze.signals={' '.join(config.analyze.signals)}: none of them is computed; "

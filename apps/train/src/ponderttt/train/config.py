@@ -31,6 +31,7 @@ TRAINABLE_GATES = ("gumbel", "continuous", "ppo")
 KNOWN_METHODS = FIXED_METHODS + BASELINE_METHODS + TRAINING_FREE_GATES + TRAINABLE_GATES
 PRESET_NAMES = ("smoke", "cpu", "gpu", "tpu-pod")
 DEFAULT_PRESET = "cpu"
+MIN_TIMING_REPEATS = 5  # timed rounds of the wall-clock cost table, at least
 # `reproduce --scales`: scale name -> directory name of the HF checkpoint under --backbone-root.
 SCALE_DIRS = {
     "125m": "gpt2",
@@ -288,8 +289,15 @@ class CompareConfig:
     """Bootstrap resamples of every confidence interval of the run (compare, analyze and evaluate use this one
     count, so that a number has the same CI in every file); documents (problems for benchmarks) are resampled."""
 
+    timing_repeats: int = 10
+    """Timed rounds of the wall-clock cost table (every action and gate overhead once per round, interleaved, after a
+    warm-up); the table keeps the median and the interquartile range. At least 5."""
+
     def __post_init__(self) -> None:
         _require(self.n_resamples >= 10, f"--compare.n-resamples={self.n_resamples} must be at least 10")
+        _require(self.timing_repeats >= MIN_TIMING_REPEATS,
+                 f"--compare.timing-repeats={self.timing_repeats} must be at least {MIN_TIMING_REPEATS}: the cost "
+                 "table records the median and spread of repeated timings")
         _check_methods("--compare.methods", self.methods, KNOWN_METHODS)
         _require(len(self.budgets) >= 1, "--compare.budgets needs at least one budget, e.g. 0.5")
         for budget in self.budgets:

@@ -233,8 +233,8 @@ def generate_completions(model: Any, tok: Any, prompts: Sequence[str], runner: G
 def calibration_signal(config: Any, tok: Any, model: Any, mesh: Any) -> np.ndarray:
     """Probe (step-0 reconstruction) losses of the validation split's chunks under SKIP, as `compare` uses."""
     batches = corpus.fixed_batches(config.data, tok, "val", EVAL_BATCHES)
-    held, _ = heldout.evaluate_held_out(model, batches, data=config.data, mesh=mesh,
-                                        language=corpus.language(config.data), skip_only=True)
+    held = heldout.evaluate_held_out(model, batches, data=config.data, mesh=mesh,
+                                     language=corpus.language(config.data), skip_only=True)
     return np.asarray(held.signal, np.float64).reshape(-1)
 
 

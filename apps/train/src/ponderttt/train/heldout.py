@@ -1,16 +1,15 @@
 """Held-out evaluation passes: the adapted model on the test split → `compare.HeldOut` and the cost table.
 
-Under the reset protocol one pass per discrete action (SKIP = λ 0; UPDATE_k = λ 1 with k inner steps)
+Under the reset protocol one pass per discrete action (SKIP = no inner step; UPDATE_k = λ 1 with k inner steps)
 gives every chunk's loss under every action. The SKIP pass also gives the causal signals: the step-0
 reconstruction loss (the no-update probe) and the gate features (prediction entropy / confidence, the
 reconstruction losses, their EMAs within a document), computed chunk by chunk with the gating package's
-feature extractor. Wall-clock per chunk is measured per action (compilation excluded).
+feature extractor. These passes are not timed: `ponderttt.train.timing` measures each action's forward alone.
 """
 
 from __future__ import annotations
 
 import functools
-import time
 from typing import Any
 
 import jax
@@ -19,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from ponderttt.eval import AdapterSpec, BackboneSpec, build_cost_table
-from ponderttt.eval.protocol import ACTION_NAMES, ACTION_STEPS
+from ponderttt.eval.protocol import ACTION_STEPS
 from ponderttt.gating import FeatureExtractor, FeatureInputs, entropy_and_confidence
 from ponderttt.gating.features import reset_sequences
 from ponderttt.train import distributed
@@ -27,13 +26,14 @@ from ponderttt.train.adapter import BATCH_KEYS, chunk_losses, forward
 from ponderttt.train.compare import HeldOut
 from ponderttt.train.config import AdapterConfig, DataConfig
 
-# (λ, inner steps) of each action: SKIP is the λ = 0 pass (its one step changes nothing), UPDATE_k λ = 1 with k steps
-ACTION_PASSES = tuple((0.0, 1) if k == 0 else (1.0, k) for k in ACTION_STEPS)
+# (λ, inner steps) of each action: SKIP runs no inner step (the outputs of the unchanged fast weights, the same as
+# λ = 0), UPDATE_k λ = 1 with k steps
+ACTION_PASSES = tuple((0.0, 0) if k == 0 else (1.0, k) for k in ACTION_STEPS)
 
 
-def cost_table(model_config: Any, data: DataConfig, adapter: AdapterConfig,
-               wall_clock_s: dict[str, float] | None = None) -> Any:
-    """The eval package's per-action cost table for this backbone and adapter (FLOPs, published, wall-clock)."""
+def cost_table(model_config: Any, data: DataConfig, adapter: AdapterConfig, wall_clock: Any = None) -> Any:
+    """The eval package's per-action cost table for this backbone and adapter (FLOPs, published) with the measured
+    wall-clock of `timing.measure_wall_clock` (a `timing.Timings`) if given."""
     cfg = model_config  # a ponderttt.models.ModelConfig
     spec = BackboneSpec(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_heads=cfg.num_heads,
                         vocab_size=cfg.vocab_size, seq_len=data.seq_len, chunk_size=data.chunk_size,
@@ -42,40 +42,56 @@ def cost_table(model_config: Any, data: DataConfig, adapter: AdapterConfig,
     overrides = {} if adapter.kind == "lora" else {"num_heads": adapter.num_heads,
                                                    "inner_dim": cfg.hidden_size // adapter.num_heads}
     return build_cost_table(spec, AdapterSpec.for_backbone(spec, adapter.kind, probe=True, **overrides),
-                            wall_clock_s=wall_clock_s)
+                            wall_clock_s=None if wall_clock is None else wall_clock.actions,
+                            overheads=None if wall_clock is None else wall_clock.overheads)
 
 
-def _features(logits: Any, stats: Any, mask: Any, doc_start: Any, chunk_size: int) -> Any:
-    """[B, N, F] gate features, chunk by chunk (EMAs carried within a document, reset where one starts)."""
+def _features(entropy: Any, confidence: Any, stats: Any, mask: Any, doc_start: Any, chunk_size: int) -> Any:
+    """[B, N, F] gate features from per-token entropy / confidence [B, T], chunk by chunk (EMAs carried within a
+    document, reset where one starts)."""
     extractor = FeatureExtractor()
-    b, t, v = logits.shape
+    b, t = mask.shape
     n = t // chunk_size
 
-    def per_chunk(x: Any) -> Any:  # [B, T, ...] -> [N, B, C, ...]
-        return jnp.swapaxes(x.reshape(b, n, chunk_size, *x.shape[2:]), 0, 1)
+    def per_chunk(x: Any) -> Any:  # [B, T] -> [N, B, C]
+        return jnp.swapaxes(x.reshape(b, n, chunk_size), 0, 1)
 
     def step(state: Any, xs: Any) -> Any:
-        logits_c, mask_c, start_c, init_c, step0_c = xs
+        entropy_c, confidence_c, mask_c, start_c, init_c, step0_c = xs
         state = reset_sequences(state, start_c[:, 0])
-        features, state = extractor(FeatureInputs(logits=logits_c, recon_init=init_c, recon_step0=step0_c,
-                                                  token_mask=mask_c), state)
+        features, state = extractor(FeatureInputs(token_entropy=entropy_c, token_confidence=confidence_c,
+                                                  recon_init=init_c, recon_step0=step0_c, token_mask=mask_c), state)
         return state, features
 
-    xs = (per_chunk(logits), per_chunk(mask), per_chunk(doc_start), stats.chunk_loss_init.T, stats.chunk_loss_step0.T)
+    xs = (per_chunk(entropy), per_chunk(confidence), per_chunk(mask), per_chunk(doc_start), stats.chunk_loss_init.T,
+          stats.chunk_loss_step0.T)
     _, features = jax.lax.scan(step, extractor.init_state(b), xs)
     return jnp.swapaxes(features, 0, 1)
 
 
+def gate_signals(logits: Any, stats: Any, mask: Any, doc_start: Any, chunk_size: int) -> dict[str, Any]:
+    """What the gates read besides the probe, from a SKIP pass's logits [B, T, V] and adapter stats: gate features
+    [B, N, F], prediction entropy and confidence [B, N] (timed on its own as the `gate_features` overhead)."""
+    entropy, confidence = entropy_and_confidence(logits)  # per token, once: the features and the chunk means read it
+    return {"features": _features(entropy, confidence, stats, mask, doc_start, chunk_size),
+            **dict(zip(("entropy", "confidence"), _chunk_means((entropy, confidence), mask, chunk_size), strict=True))}
+
+
+def skip_forward(model: Any, batch: dict[str, Any], chunk_size: int) -> Any:
+    """The adapted model's SKIP forward of a batch: no inner step, under the reset protocol."""
+    skip_scale, skip_steps = ACTION_PASSES[0]
+    return forward(model, batch, chunk_size=chunk_size, num_steps=skip_steps, gating_scale=skip_scale,
+                   protocol="reset")
+
+
 def skip_outputs(model: Any, batch: dict[str, Any], chunk_size: int) -> dict[str, Any]:
-    """The SKIP pass (λ = 0) of a batch, per chunk [B, N]: loss, tokens, the step-0 reconstruction loss
-    ("signal", the no-update probe), gate features [B, N, F], prediction entropy and confidence."""
-    out = forward(model, batch, chunk_size=chunk_size, num_steps=1, gating_scale=0.0, protocol="reset")
+    """The SKIP pass of a batch, per chunk [B, N]: loss, tokens, the step-0 reconstruction loss ("signal", the
+    no-update probe), gate features [B, N, F], prediction entropy and confidence."""
+    out = skip_forward(model, batch, chunk_size)
     loss, tokens = chunk_losses(out.logits, batch["targets"], batch["loss_mask"], chunk_size)
     stats = out.ttt_stats["head"]
-    features = _features(out.logits, stats, batch["loss_mask"], batch["doc_start"], chunk_size)
-    entropy, confidence = _chunk_entropy_confidence(out.logits, batch["loss_mask"], chunk_size)
-    return {"loss": loss, "tokens": tokens, "signal": stats.chunk_loss_step0, "features": features,
-            "entropy": entropy, "confidence": confidence}
+    return {"loss": loss, "tokens": tokens, "signal": stats.chunk_loss_step0,
+            **gate_signals(out.logits, stats, batch["loss_mask"], batch["doc_start"], chunk_size)}
 
 
 def update_outputs(model: Any, batch: dict[str, Any], chunk_size: int, steps: int) -> tuple[Any, Any]:
@@ -111,8 +127,8 @@ def _scaled_pass(graphdef: Any, chunk_size: int) -> Any:
 
 
 def evaluate_held_out(model: Any, batches: list[dict[str, Any]], *, data: DataConfig, mesh: Any,
-                      language: str, skip_only: bool = False) -> tuple[HeldOut, dict[str, float]]:
-    """(HeldOut over every sequence of `batches`, measured wall-clock seconds per chunk for each action).
+                      language: str, skip_only: bool = False) -> HeldOut:
+    """`HeldOut` over every sequence of `batches` (the per-action losses, signals and features).
 
     `skip_only`: run only the SKIP pass (signals and features, e.g. to calibrate thresholds); the update
     columns of the loss table are then NaN."""
@@ -121,18 +137,13 @@ def evaluate_held_out(model: Any, batches: list[dict[str, Any]], *, data: DataCo
     passes = [skip_pass] + ([] if skip_only else [_update_pass(graphdef, data.chunk_size, k)
                                                   for _, k in ACTION_PASSES[1:]])
     losses: list[list[np.ndarray]] = [[] for _ in ACTION_PASSES]
-    seconds = [0.0] * len(ACTION_PASSES)
-    timed_chunks = 0
     parts: dict[str, list[np.ndarray]] = {"tokens": [], "signal": [], "features": [], "documents": [], "entropy": [],
                                           "confidence": [], "ttt_improvement": []}
     with jax.set_mesh(mesh):
         for index, raw in enumerate(batches):
             batch = {k: distributed.global_batch(np.asarray(raw[k]), mesh, data.batch_size) for k in BATCH_KEYS}
             for a, run in enumerate(passes):
-                start = time.perf_counter()
                 result = distributed.to_host(run(state, batch))
-                if index > 0:  # the first batch includes compilation
-                    seconds[a] += time.perf_counter() - start
                 if a == 0:
                     losses[0].append(result["loss"])
                     for key in ("tokens", "signal", "features", "entropy", "confidence"):
@@ -141,7 +152,6 @@ def evaluate_held_out(model: Any, batches: list[dict[str, Any]], *, data: DataCo
                     losses[a].append(result[0])
                     if a == 1:
                         parts["ttt_improvement"].append(result[1])
-            timed_chunks += 0 if index == 0 else data.batch_size * data.chunks_per_sequence
             doc_ids = distributed.to_host(distributed.global_batch(np.asarray(raw["doc_ids"]), mesh, data.batch_size))
             parts["documents"].append(_document_ids(doc_ids, index, data.chunk_size))
     skip_loss = np.concatenate(losses[0])
@@ -152,20 +162,17 @@ def evaluate_held_out(model: Any, batches: list[dict[str, Any]], *, data: DataCo
                "confidence": np.concatenate(parts["confidence"])}
     if parts["ttt_improvement"]:
         signals["ttt_improvement"] = np.concatenate(parts["ttt_improvement"])
-    held = HeldOut(loss=loss, tokens=tokens, signal=signal, features=np.concatenate(parts["features"]),
+    return HeldOut(loss=loss, tokens=tokens, signal=signal, features=np.concatenate(parts["features"]),
                    documents=np.concatenate(parts["documents"]), languages=np.full(tokens.shape, language),
                    signals=signals)
-    wall = {name: seconds[a] / timed_chunks for a, name in enumerate(ACTION_NAMES)} if timed_chunks else {}
-    return held, wall
 
 
-def _chunk_entropy_confidence(logits: Any, mask: Any, chunk_size: int) -> tuple[Any, Any]:
-    """Token-mean prediction entropy and max-probability of each chunk: ([B, N], [B, N])."""
-    entropy, confidence = entropy_and_confidence(logits)
+def _chunk_means(values: tuple[Any, ...], mask: Any, chunk_size: int) -> tuple[Any, ...]:
+    """The token-mean over the unmasked tokens of each chunk of every [B, T] array in `values`: [B, N] each."""
     b, t = mask.shape
     w = mask.astype(jnp.float32).reshape(b, t // chunk_size, chunk_size)
     count = jnp.maximum(w.sum(-1), 1.0)
-    return ((entropy.reshape(w.shape) * w).sum(-1) / count, (confidence.reshape(w.shape) * w).sum(-1) / count)
+    return tuple((v.reshape(w.shape) * w).sum(-1) / count for v in values)
 
 
 def _document_ids(doc_ids_bt: np.ndarray, batch_index: int, chunk_size: int) -> np.ndarray:

@@ -20,7 +20,12 @@ Per chunk of ``chunk_size`` tokens:
   TTT-Linear includes the dual form's within-mini-batch products (XQ·XKᵀ, (η⊙M⊙XQ·XKᵀ)·G, (η⊙M)·G).
 
 The published convention (SKIP 1, UPDATE_k 1 + 2k) counts each step as a full forward and backward pass;
-reports give it as a third column. Measured wall-clock seconds per chunk and action come from the runner.
+reports give it as a third column.
+
+Measured wall-clock seconds per chunk come from the runner as repeated timings (`WallClock`: the median and the
+interquartile range of the repeats). Each action's row times that action's forward alone; work only some gates
+do (the reconstruction probe a threshold gate reads, the learned gates' features) is timed separately and kept
+as the table's ``overheads``, which a method adds to every chunk it decides on (`chunk_wall_clock`).
 """
 
 from __future__ import annotations
@@ -298,8 +303,40 @@ def action_flops(backbone: BackboneSpec, adapter: AdapterSpec, action: str | int
 
 
 @dataclasses.dataclass(frozen=True)
+class WallClock:
+    """A measured wall-clock cost per chunk: the median of ``repeats`` timings and their spread (the interquartile
+    range, 0 for one timing)."""
+
+    median_s: float
+    spread_s: float
+    repeats: int
+
+    def __post_init__(self):
+        if not (math.isfinite(self.median_s) and math.isfinite(self.spread_s) and self.spread_s >= 0):
+            raise ValueError(f"wall-clock median {self.median_s}, spread {self.spread_s}: finite, spread >= 0 expected")
+        if self.repeats < 1:
+            raise ValueError(f"wall-clock repeats must be >= 1, got {self.repeats}")
+
+    @classmethod
+    def of(cls, value: float | Sequence[float] | WallClock) -> WallClock:
+        """From repeated timings (seconds per chunk), one timing, or a `WallClock` (returned as it is)."""
+        if isinstance(value, WallClock):
+            return value
+        samples = np.atleast_1d(np.asarray(value, dtype=np.float64))
+        if samples.ndim != 1 or samples.size == 0:
+            raise ValueError(f"wall-clock timings must be a number or a flat list of numbers, got {value!r}")
+        q25, median, q75 = np.percentile(samples, [25, 50, 75])
+        return cls(float(median), float(q75 - q25), int(samples.size))
+
+    def to_dict(self) -> dict:
+        """``{"median_s", "spread_s", "repeats"}``."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
 class ActionCost:
-    """One action's cost per chunk in every unit; ``wall_clock_s`` is None until the runner measures it."""
+    """One action's cost per chunk in every unit; the wall-clock fields are None until the runner measures them
+    (``wall_clock_s`` is the median of ``wall_clock_repeats`` timings, ``wall_clock_spread_s`` their IQR)."""
 
     action: str
     steps: int
@@ -307,21 +344,29 @@ class ActionCost:
     relative_flops: float
     published: float
     wall_clock_s: float | None = None
+    wall_clock_spread_s: float | None = None
+    wall_clock_repeats: int | None = None
 
     def to_dict(self) -> dict:
-        """The fields as a JSON-ready dict (``wall_clock_s`` may be None)."""
+        """The fields as a JSON-ready dict (the wall-clock fields may be None)."""
         return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
 class CostTable:
-    """Per-action costs (name -> ActionCost); ``relative_flops`` is FLOPs / FLOPs(skip)."""
+    """Per-action costs (name -> ActionCost); ``relative_flops`` is FLOPs / FLOPs(skip). ``overheads``: measured
+    wall-clock of work some gates add to every chunk (name -> WallClock, e.g. ``recon_probe``, ``gate_features``),
+    timed apart from the actions."""
 
     actions: Mapping[str, ActionCost]
+    overheads: Mapping[str, WallClock] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if "skip" not in self.actions:
             raise ValueError(f"a cost table needs a 'skip' entry, got actions {sorted(self.actions)}")
+        clash = sorted(set(self.overheads) & set(self.actions))
+        if clash:
+            raise ValueError(f"overhead rows {clash} have the names of actions; name them after the work they time")
 
     def __getitem__(self, action: str | int) -> ActionCost:
         name = action_name(action_steps(action))
@@ -334,25 +379,52 @@ class CostTable:
         """True when every action has a measured ``wall_clock_s`` (so the "wall_clock_s" unit is usable)."""
         return all(a.wall_clock_s is not None for a in self.actions.values())
 
-    def with_wall_clock(self, seconds_per_chunk: Mapping[str | int, float]) -> CostTable:
-        """A copy with measured wall-clock seconds per chunk for each action (every action must be given)."""
-        given = {action_name(action_steps(k)): float(v) for k, v in seconds_per_chunk.items()}
+    def with_wall_clock(
+        self,
+        seconds_per_chunk: Mapping[str | int, float | Sequence[float] | WallClock],
+        overheads: Mapping[str, float | Sequence[float] | WallClock] | None = None,
+    ) -> CostTable:
+        """A copy with measured wall-clock seconds per chunk for each action (every action must be given) and the
+        measured ``overheads``: each value one timing, the timings of the repeats, or a `WallClock`."""
+        given = {action_name(action_steps(k)): v for k, v in seconds_per_chunk.items()}
         missing = sorted(set(self.actions) - set(given))
         if missing:
             raise ValueError(f"wall-clock seconds missing for actions {missing}; measure every action in the table")
-        bad = {k: v for k, v in given.items() if not (math.isfinite(v) and v >= 0)}
-        if bad:
-            raise ValueError(f"wall-clock seconds must be finite and >= 0, got {bad}")
-        return CostTable({k: dataclasses.replace(a, wall_clock_s=given[k]) for k, a in self.actions.items()})
+        measured = {}
+        for name, value in given.items():
+            clock = WallClock.of(value)
+            if clock.median_s < 0:
+                raise ValueError(f"wall-clock seconds must be finite and >= 0, got {name}: {value}")
+            measured[name] = clock
+        return CostTable(
+            {
+                k: dataclasses.replace(
+                    a,
+                    wall_clock_s=measured[k].median_s,
+                    wall_clock_spread_s=measured[k].spread_s,
+                    wall_clock_repeats=measured[k].repeats,
+                )
+                for k, a in self.actions.items()
+            },
+            {name: WallClock.of(value) for name, value in (overheads or {}).items()},
+        )
 
     def to_dict(self) -> dict:
-        """Action name -> ``ActionCost.to_dict()``; ``from_dict`` reads it back."""
+        """Action name -> ``ActionCost.to_dict()``; ``from_dict`` reads it back (with ``overheads_to_dict()``)."""
         return {name: cost.to_dict() for name, cost in self.actions.items()}
 
+    def overheads_to_dict(self) -> dict:
+        """Overhead name -> ``WallClock.to_dict()`` (results.json ``wall_clock_overheads``)."""
+        return {name: clock.to_dict() for name, clock in self.overheads.items()}
+
     @classmethod
-    def from_dict(cls, data: Mapping[str, Mapping]) -> CostTable:
-        """The inverse of ``to_dict`` (e.g. a results.json ``cost_table``); raises ValueError without "skip"."""
-        return cls({name: ActionCost(**dict(entry)) for name, entry in data.items()})
+    def from_dict(cls, data: Mapping[str, Mapping], overheads: Mapping[str, Mapping] | None = None) -> CostTable:
+        """The inverse of ``to_dict`` / ``overheads_to_dict`` (e.g. a results.json ``cost_table`` and
+        ``wall_clock_overheads``); raises ValueError without "skip"."""
+        return cls(
+            {name: ActionCost(**dict(entry)) for name, entry in data.items()},
+            {name: WallClock(**dict(entry)) for name, entry in (overheads or {}).items()},
+        )
 
     def unit_costs(self, unit: str) -> dict[int, float]:
         """steps -> cost in ``unit`` (one of COST_UNITS)."""
@@ -371,9 +443,11 @@ def build_cost_table(
     backbone: BackboneSpec,
     adapter: AdapterSpec,
     actions: Iterable[str | int] = ACTION_NAMES,
-    wall_clock_s: Mapping[str | int, float] | None = None,
+    wall_clock_s: Mapping[str | int, float | Sequence[float] | WallClock] | None = None,
+    overheads: Mapping[str, float | Sequence[float] | WallClock] | None = None,
 ) -> CostTable:
-    """Analytic FLOPs, relative FLOPs and the published convention for each action (and wall-clock if given)."""
+    """Analytic FLOPs, relative FLOPs and the published convention for each action, and the measured wall-clock
+    (timings per action, and ``overheads`` rows) if given (see `CostTable.with_wall_clock`)."""
     steps = sorted({action_steps(a) for a in actions} | {0})
     skip_flops = action_flops(backbone, adapter, 0).total
     table = CostTable(
@@ -388,7 +462,11 @@ def build_cost_table(
             for k in steps
         }
     )
-    return table.with_wall_clock(wall_clock_s) if wall_clock_s is not None else table
+    if wall_clock_s is None:
+        if overheads:
+            raise ValueError("wall-clock overheads need the actions' wall-clock too (wall_clock_s=)")
+        return table
+    return table.with_wall_clock(wall_clock_s, overheads)
 
 
 def chunk_costs(
@@ -419,3 +497,29 @@ def chunk_costs(
     if 1 not in per_steps:
         raise ValueError("continuous gates cost one inner pass: the cost table needs 'update_1'")
     return np.where(lam > 0, per_steps[1], per_steps[0])
+
+
+def chunk_wall_clock(
+    table: CostTable,
+    *,
+    actions: Sequence[str | int] | np.ndarray | None = None,
+    lambdas: Sequence[float] | np.ndarray | None = None,
+    overheads: Sequence[str] = (),
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-chunk wall-clock seconds and their spread (IQR) for discrete ``actions`` or continuous ``lambdas``, with
+    the table's ``overheads`` rows of the given names added to every chunk (the work the method's gate does)."""
+    missing = sorted(set(overheads) - set(table.overheads))
+    if missing:
+        raise ValueError(f"overheads {missing} are not measured in the cost table (has {sorted(table.overheads)})")
+    cost = chunk_costs(table, actions=actions, lambdas=lambdas, unit="wall_clock_s")
+    steps = np.asarray(
+        [action_steps(a) for a in np.asarray(actions).ravel().tolist()]
+        if actions is not None
+        else (np.asarray(lambdas, dtype=np.float64).ravel() > 0).astype(int)
+    ).reshape(cost.shape)
+    spread_of = {cost.steps: cost.wall_clock_spread_s or 0.0 for cost in table.actions.values()}
+    spread = np.asarray([spread_of[s] for s in steps.ravel().tolist()], dtype=np.float64).reshape(cost.shape)
+    for name in overheads:  # an overhead timed below the noise (a negative paired difference) adds nothing
+        cost = cost + max(table.overheads[name].median_s, 0.0)
+        spread = spread + table.overheads[name].spread_s
+    return cost, spread

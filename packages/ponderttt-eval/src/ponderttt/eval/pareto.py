@@ -12,6 +12,7 @@ loss a budget drawn uniformly from the range buys. Lower is better; ``improvemen
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,19 +33,34 @@ def _points(costs, losses) -> tuple[np.ndarray, np.ndarray]:
     return c, l
 
 
-def pareto_frontier(costs: Sequence[float] | np.ndarray, losses: Sequence[float] | np.ndarray) -> np.ndarray:
+def pareto_frontier(
+    costs: Sequence[float] | np.ndarray, losses: Sequence[float] | np.ndarray, *, resolution: float = 0.0
+) -> np.ndarray:
     """Indices of the non-dominated points, by increasing cost (and strictly decreasing loss).
 
     A point is dominated when another costs no more and loses no more, and is better in one of them;
-    of several identical points only the first is kept.
+    of several identical points only the first is kept. ``resolution``: costs that differ by at most this much
+    count as equal (a measured cost's spread), so a point is also dominated by a lower-loss point that costs at
+    most ``resolution`` more, and every step of the frontier is wider than ``resolution``.
     """
     c, l = _points(costs, losses)
+    if not (math.isfinite(resolution) and resolution >= 0):
+        raise ValueError(f"resolution must be finite and >= 0, got {resolution}")
     order = np.lexsort((np.arange(c.size), l, c))  # by cost, then loss, then index
-    keep, best = [], np.inf
+    if resolution == 0.0:
+        keep, best = [], np.inf
+        for i in order:
+            if l[i] < best:
+                keep.append(int(i))
+                best = l[i]
+        return np.asarray(keep, dtype=np.int64)
+    index = np.arange(c.size)
+    keep = []
     for i in order:
-        if l[i] < best:
+        near = c <= c[i] + resolution
+        better = (l < l[i]) | ((l == l[i]) & ((c < c[i]) | ((c == c[i]) & (index < i))))
+        if not np.any(near & better):
             keep.append(int(i))
-            best = l[i]
     return np.asarray(keep, dtype=np.int64)
 
 

@@ -1,4 +1,5 @@
-"""PNG plots of a results.json document with Matplotlib's Agg renderer.
+"""Plots of a results.json document with Matplotlib's Agg renderer, for a paper: each figure is written as PNG
+(linked from report.md) and, next to it, as PDF and SVG (vector, same stem).
 
 Figures are built with ``matplotlib.figure.Figure`` (no pyplot, no global backend switch), so plotting
 works headless and leaves the caller's Matplotlib state alone. Matplotlib is imported here only, never
@@ -17,6 +18,15 @@ from matplotlib.figure import Figure
 from ponderttt.eval.render import UNIT_LABELS
 
 _DPI = 130
+FORMATS = ("png", "pdf", "svg")  # every plot is saved in each; the path returned is the PNG's
+# axis labels of the per-chunk signals and targets the runners pass (other names are shown as they are)
+SIGNAL_LABELS = {
+    "recon_loss": "step-0 reconstruction loss",
+    "entropy": "prediction entropy (nats)",
+    "confidence": "token confidence (mean max. probability)",
+    "ttt_improvement": "reconstruction-loss drop of the update",
+    "oracle_advantage": "oracle advantage: loss(SKIP) − loss(UPDATE_1) (nats)",
+}
 
 
 def _colors(names: Sequence[str]) -> dict[str, tuple]:
@@ -27,14 +37,28 @@ def _colors(names: Sequence[str]) -> dict[str, tuple]:
 
 
 def _save(fig: Figure, path: pathlib.Path) -> pathlib.Path:
-    fig.savefig(path, dpi=_DPI, bbox_inches="tight", facecolor="white")
-    return path
+    """Writes the figure as PNG at ``path`` and as PDF / SVG next to it; returns the PNG's path."""
+    for fmt in FORMATS:
+        fig.savefig(path.with_suffix(f".{fmt}"), dpi=_DPI, bbox_inches="tight", facecolor="white", format=fmt)
+    return path.with_suffix(".png")
+
+
+def _grid(n: int) -> tuple[int, int]:
+    """(rows, columns) for n panels, with no empty panel where n allows it (4 -> 2 x 2, 6 -> 2 x 3)."""
+    cols = n if n <= 3 else 2 if n in (4,) else 3
+    return math.ceil(n / cols), cols
 
 
 def plot_pareto(doc: Mapping, path: str | pathlib.Path) -> pathlib.Path:
-    """Loss vs. cost of every method (one line through its budgets), the frontier dashed; one row per
-    protocol, one column per cost unit every record has."""
-    path = pathlib.Path(path)
+    """`pareto_figure` saved at ``path`` (PNG) and as PDF / SVG next to it; returns the PNG's path."""
+    return _save(pareto_figure(doc), pathlib.Path(path))
+
+
+def pareto_figure(doc: Mapping) -> Figure:
+    """Loss vs. cost of every method (one line through its budgets), the frontier dashed; one row per protocol, one
+    column per cost unit every record has. The loss is shown as the difference to SKIP on the same chunks (when the
+    records carry ``loss_skip``), with the loss's 95% CI as vertical error bars; on the wall-clock axis the
+    horizontal error bars span the measured spread (IQR) of each record's cost."""
     results = doc["results"]
     protocols = sorted({r["protocol"] for r in results})
     units = [
@@ -46,10 +70,14 @@ def plot_pareto(doc: Mapping, path: str | pathlib.Path) -> pathlib.Path:
         raise ValueError("no cost unit is shared by every record; nothing to plot on a Pareto chart")
     methods = sorted({r["method"] for r in results})
     colors = _colors(methods)
-    fig = Figure(figsize=(5.2 * len(units) + 2.2, 4.0 * len(protocols)))
+    fig = Figure(figsize=(5.2 * len(units) + 2.4, 4.2 * len(protocols)))
     axes = np.atleast_2d(fig.subplots(len(protocols), len(units), squeeze=False))
     for i, protocol in enumerate(protocols):
         recs = [r for r in results if r["protocol"] == protocol]
+        skips = [r.get("loss_skip") for r in recs]
+        relative = all(v is not None for v in skips)
+        shift = {id(r): (r["loss_skip"] if relative else 0.0) for r in recs}
+        ylabel = "Δ loss vs SKIP (nats / token)" if relative else "loss (nats / token)"
         for j, unit in enumerate(units):
             ax = axes[i, j]
             entry = doc["pareto"].get(protocol, {}).get(unit)
@@ -58,92 +86,133 @@ def plot_pareto(doc: Mapping, path: str | pathlib.Path) -> pathlib.Path:
                 continue
             scale = 1e3 if unit == "wall_clock_s" else 1.0  # seconds -> milliseconds on the axis
             for method in methods:
-                pts = sorted(
-                    (scale * r["cost"][unit], r["loss"], r.get("budget")) for r in recs if r["method"] == method
-                )
-                if not pts:
+                own = sorted((r for r in recs if r["method"] == method), key=lambda r: r["cost"][unit])
+                if not own:
                     continue
-                xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-                style = dict(color=colors[method], label=method)
-                if len(pts) == 1:
-                    ax.plot(xs, ys, marker="s", markersize=8, linestyle="none", **style)
-                else:
-                    ax.plot(xs, ys, marker="o", markersize=5, linewidth=1.6, **style)
+                xs = np.asarray([scale * r["cost"][unit] for r in own])
+                ys = np.asarray([r["loss"] - shift[id(r)] for r in own])
+                ci = [r.get("loss_ci") for r in own]
+                yerr = None
+                if all(c is not None for c in ci):
+                    low = np.asarray([c[0] - shift[id(r)] for c, r in zip(ci, own, strict=True)])
+                    high = np.asarray([c[1] - shift[id(r)] for c, r in zip(ci, own, strict=True)])
+                    yerr = np.vstack([np.maximum(ys - low, 0.0), np.maximum(high - ys, 0.0)])
+                xerr = None
+                if unit == "wall_clock_s" and all(r["cost"].get("wall_clock_spread_s") is not None for r in own):
+                    xerr = np.asarray([scale * r["cost"]["wall_clock_spread_s"] / 2 for r in own])
+                single = len(own) == 1
+                ax.errorbar(xs, ys, yerr=yerr, xerr=xerr, color=colors[method], label=method,
+                            marker="s" if single else "o", markersize=7 if single else 5,
+                            linestyle="none" if single else "-", linewidth=1.6, elinewidth=0.9, capsize=2.5)
             front = entry["frontier"]
+            by_key = {(r["method"], r["budget"]): r for r in recs}
             fx = [scale * p["cost"] for p in front]
-            fy = [p["loss"] for p in front]
+            fy = [p["loss"] - shift[id(by_key[(p["method"], p["budget"])])] for p in front]
             xmax = scale * max(r["cost"][unit] for r in recs)
-            ax.step(
-                fx + [xmax],
-                fy + [fy[-1]],
-                where="post",
-                color="0.35",
-                linestyle="--",
-                linewidth=1.0,
-                label="Pareto frontier",
-                zorder=0,
-            )
+            ax.step(fx + [xmax], fy + [fy[-1]], where="post", color="0.35", linestyle="--", linewidth=1.0,
+                    label="Pareto frontier", zorder=0)
+            if relative:
+                ax.axhline(0.0, color="0.6", linewidth=0.8, zorder=0)
             ax.set_xlabel("wall-clock ms / chunk" if unit == "wall_clock_s" else UNIT_LABELS.get(unit, unit))
-            ax.ticklabel_format(axis="x", useOffset=False)  # relative FLOPs sit near 1: show 1.001, not +1
-            ax.set_ylabel("loss (nats / token)")
+            ax.ticklabel_format(axis="both", useOffset=False, style="plain")  # 1.001, not 1 + 1e-3
+            ax.set_ylabel(ylabel)
             ax.set_title(f"protocol: {protocol}", fontsize=10)
             ax.grid(True, alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=9)
-    fig.suptitle("Quality vs. compute", fontsize=12)
+    fig.suptitle("Quality vs. compute (error bars: 95% CI of the loss; wall-clock: IQR of the timings)", fontsize=11)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
+
+
+def _signal_row(rows: Sequence[Mapping], model: str, signal: str, target: str, language: str) -> Mapping | None:
+    for row in rows:
+        if (row.get("signal"), row.get("target"), row.get("language")) == (signal, target, language) and (
+            row.get("model") in (model, None)
+        ):
+            return row
+    return None
 
 
 def plot_signals(
+    samples: Mapping[str, Sequence | np.ndarray], path: str | pathlib.Path, **options
+) -> pathlib.Path:
+    """`signals_figure(samples, **options)` saved at ``path`` (PNG) and as PDF / SVG next to it; returns the PNG's
+    path."""
+    return _save(signals_figure(samples, **options), pathlib.Path(path))
+
+
+def signals_figure(
     samples: Mapping[str, Sequence | np.ndarray],
-    path: str | pathlib.Path,
     *,
     signal_names: Sequence[str],
     target_names: Sequence[str] = ("oracle_advantage",),
+    rows: Sequence[Mapping] = (),
     max_points: int = 4000,
     seed: int = 0,
-) -> pathlib.Path:
-    """Scatter of each signal against each target, one panel per (model, signal, target), colour per
-    language, Pearson r per language in the legend. At most ``max_points`` points per panel are drawn
-    (a seeded subsample); r is computed on all of them."""
-    import scipy.stats
-
-    path = pathlib.Path(path)
+) -> Figure:
+    """Scatter of each signal against each target, one panel per (model, signal, target), colour per language, with
+    the least-squares fit line; r and its 95% CI per language in the legend, taken from ``rows`` (the
+    ``signal_table`` rows of the same columns, so a plot shows the CI report.md shows) or, without a row, r alone.
+    Panels whose signal or target is constant (nothing to correlate) are left out. At most ``max_points`` points per
+    panel are drawn (a seeded subsample); the fit and r use all of them."""
     n = len(np.asarray(samples[signal_names[0]]).ravel())
     models = np.asarray(samples.get("model", ["—"] * n)).ravel().astype(str)
     langs = np.asarray(samples.get("language", ["all"] * n)).ravel().astype(str)
-    panels = [(m, s, t) for m in sorted(set(models.tolist())) for s in signal_names for t in target_names]
-    cols = min(3, len(panels))
-    rows = math.ceil(len(panels) / cols)
+
+    def varies(name: str) -> bool:
+        values = np.asarray(samples[name], dtype=np.float64).ravel()
+        finite = values[np.isfinite(values)]
+        return finite.size >= 3 and np.ptp(finite) > 0
+
+    panels = [
+        (m, s, t)
+        for m in sorted(set(models.tolist()))
+        for s in signal_names
+        for t in target_names
+        if varies(s) and varies(t)
+    ]
+    if not panels:
+        raise ValueError(f"every signal or target is constant: nothing to plot ({list(signal_names)})")
+    n_rows, cols = _grid(len(panels))
     lang_names = sorted(set(langs.tolist()))
     colors = _colors(lang_names)
-    fig = Figure(figsize=(4.6 * cols, 3.9 * rows))
-    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    fig = Figure(figsize=(4.8 * cols, 4.0 * n_rows))
+    axes = np.atleast_1d(fig.subplots(n_rows, cols, squeeze=False)).ravel()
+    for ax in axes[len(panels):]:
+        fig.delaxes(ax)
     rng = np.random.default_rng(seed)
     for ax, (model, signal, target) in zip(axes, panels, strict=False):
         x_all = np.asarray(samples[signal], dtype=np.float64).ravel()
         y_all = np.asarray(samples[target], dtype=np.float64).ravel()
         for lang in lang_names:
-            sel = np.flatnonzero((models == model) & (langs == lang))
+            sel = np.flatnonzero((models == model) & (langs == lang) & np.isfinite(x_all) & np.isfinite(y_all))
             if sel.size == 0:
                 continue
             x, y = x_all[sel], y_all[sel]
             label = lang
-            if sel.size >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
-                label += f" (r={scipy.stats.pearsonr(x, y).statistic:+.2f}, n={sel.size})"
+            row = _signal_row(rows, model, signal, target, lang)
+            if row is not None and row.get("pearson_r") is not None:
+                ci = row.get("pearson_ci")
+                span = "" if not ci or None in ci else f" [{ci[0]:+.2f}, {ci[1]:+.2f}]"
+                label += f": r = {row['pearson_r']:+.2f}{span}, n = {row.get('n', sel.size)}"
+            elif sel.size >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
+                label += f": r = {np.corrcoef(x, y)[0, 1]:+.2f}, n = {sel.size}"
             shown = sel if sel.size <= max_points else rng.choice(sel, max_points, replace=False)
-            ax.scatter(x_all[shown], y_all[shown], s=8, alpha=0.5, color=colors[lang], label=label, linewidths=0)
+            ax.scatter(x_all[shown], y_all[shown], s=8, alpha=0.45, color=colors[lang], label=label, linewidths=0)
+            if sel.size >= 2 and np.ptp(x) > 0:
+                slope, intercept = np.polyfit(x, y, 1)
+                grid = np.linspace(x.min(), x.max(), 2)
+                ax.plot(grid, slope * grid + intercept, color=colors[lang], linewidth=1.8)
         ax.axhline(0.0, color="0.5", linewidth=0.8)
-        ax.set_xlabel(signal)
-        ax.set_ylabel(target)
-        ax.set_title(f"{model}: {signal} vs {target}", fontsize=10)
+        ax.set_xlabel(SIGNAL_LABELS.get(signal, signal), fontsize=9)
+        ax.set_ylabel(SIGNAL_LABELS.get(target, target), fontsize=9)
+        ax.set_title(signal if model == "—" else f"{model}: {signal}", fontsize=10)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="best", markerscale=1.5)
-    for ax in axes[len(panels) :]:
-        ax.set_axis_off()
+        ax.legend(fontsize=7.5, loc="best", markerscale=1.5, title="r [95% paired-bootstrap CI]",
+                  title_fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def plot_actions(doc: Mapping, path: str | pathlib.Path) -> pathlib.Path:
@@ -224,7 +293,8 @@ def plot_all(
     signal_names: Sequence[str] = (),
     target_names: Sequence[str] = ("oracle_advantage",),
 ) -> dict[str, pathlib.Path]:
-    """Every plot the document supports: pareto.png, actions.png, lambda.png, signals.png."""
+    """Every plot the document supports: pareto, actions, lambda, signals (name -> the PNG's path; each also as PDF
+    and SVG next to it)."""
     out = pathlib.Path(out_dir)
     paths = {}
     if any(doc["pareto"].get(p) for p in doc["pareto"]):
@@ -235,6 +305,10 @@ def plot_all(
         paths["lambda"] = plot_lambda(doc, out / "lambda.png")
     if signal_samples is not None and signal_names:
         paths["signals"] = plot_signals(
-            signal_samples, out / "signals.png", signal_names=signal_names, target_names=target_names
+            signal_samples,
+            out / "signals.png",
+            signal_names=signal_names,
+            target_names=target_names,
+            rows=doc.get("signals") or (),
         )
     return paths

@@ -318,9 +318,12 @@ def _cost_section(doc: Mapping) -> str | None:
     table = doc.get("cost_table")
     if not table:
         return None
+
+    def ms(value) -> str:
+        return "—" if value is None else f"{1e3 * value:.3f}"
+
     rows = []
     for name, c in sorted(table.items(), key=lambda kv: kv[1]["steps"]):
-        wall = c.get("wall_clock_s")
         rows.append(
             [
                 name,
@@ -328,10 +331,24 @@ def _cost_section(doc: Mapping) -> str | None:
                 _flops(c["flops"]),
                 _num(c["relative_flops"], 4),
                 _num(c["published"], 1),
-                "—" if wall is None else f"{1e3 * wall:.2f}",
+                ms(c.get("wall_clock_s")),
+                ms(c.get("wall_clock_spread_s")),
+                str(c.get("wall_clock_repeats") or "—"),
             ]
         )
-    return _table(["Action", "Inner steps", "FLOPs / chunk", "FLOPs / SKIP", "Published", "Wall-clock ms"], rows)
+    overheads = doc.get("wall_clock_overheads") or {}
+    for name, w in sorted(overheads.items()):
+        rows.append([f"+ {name}", "—", "—", "—", "—", ms(w["median_s"]), ms(w["spread_s"]), str(w["repeats"])])
+    header = ["Action", "Inner steps", "FLOPs / chunk", "FLOPs / SKIP", "Published", "Wall-clock ms (median)",
+              "Spread ms (IQR)", "Repeats"]
+    out = _table(header, rows)
+    if overheads:
+        out += (
+            "\n\nEach action's wall-clock times its forward alone (after warm-up, the actions interleaved). "
+            "Rows marked + are work some gates do on every chunk, timed apart: a method's wall-clock adds the "
+            "rows its gate reads."
+        )
+    return out
 
 
 def render_markdown(doc: Mapping, plot_files: Mapping[str, str] | None = None) -> str:
@@ -368,7 +385,9 @@ def render_markdown(doc: Mapping, plot_files: Mapping[str, str] | None = None) -
     if plot_files:
         out += ["## Plots", ""]
         for name, file in plot_files.items():
-            out += [f"![{name}]({file})", ""]
+            stem = file.rsplit(".", 1)[0]
+            vector = f"Vector versions: [{stem}.pdf]({stem}.pdf), [{stem}.svg]({stem}.svg)."
+            out += [f"![{name}]({file})", "", vector, ""]
     out.append(
         "Losses are token-weighted mean cross-entropy in nats; CIs are bootstrap intervals over documents; "
         "recovery = (L_skip − L_method) / (L_skip − L_oracle) with the oracle updating the same number of "

@@ -20,12 +20,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from ponderttt.eval import metrics
-from ponderttt.eval.cost import COST_UNITS, CostTable, chunk_costs
+from ponderttt.eval.cost import COST_UNITS, CostTable, chunk_costs, chunk_wall_clock
 from ponderttt.eval.pareto import frontier_auc, pareto_frontier
 from ponderttt.eval.protocol import ACTION_NAMES, PROTOCOLS
 from ponderttt.eval.stats import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, bootstrap_ci, compare_paired, iqm_ci, ratio_ci
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUDGET_UNITS = ("update_rate", *COST_UNITS)
 
 # field -> (required, accepted types, meaning). Types: "number", "int", "str", "interval", "dict", "null".
@@ -44,7 +44,8 @@ RESULT_FIELDS: dict[str, tuple[bool, tuple[str, ...], str]] = {
     "cost": (
         True,
         ("dict",),
-        "mean cost per chunk: flops, relative_flops, published, wall_clock_s (null if unmeasured)",
+        "mean cost per chunk: flops, relative_flops, published, wall_clock_s (null if unmeasured); "
+        "wall_clock_spread_s: the measured spread (IQR) of wall_clock_s",
     ),
     "budget_adherence": (False, ("dict", "null"), "metrics.budget_adherence in budget_unit"),
     "loss_skip": (False, ("number", "null"), "loss of SKIP on the same chunks"),
@@ -57,6 +58,7 @@ RESULT_FIELDS: dict[str, tuple[bool, tuple[str, ...], str]] = {
     "extra": (False, ("dict", "null"), "anything else the runner wants kept (free form)"),
 }
 COST_FIELDS = ("flops", "relative_flops", "published", "wall_clock_s")
+OPTIONAL_COST_FIELDS = ("wall_clock_spread_s",)
 
 
 class ReportError(ValueError):
@@ -104,6 +106,7 @@ def summarize_method(
     budget_unit: str | None = None,
     cost_table: CostTable | None = None,
     wall_clock_s_per_chunk: float | None = None,
+    overheads: Sequence[str] = (),
     loss_skip: Sequence[float] | np.ndarray | None = None,
     loss_update: Sequence[float] | np.ndarray | None = None,
     languages: Sequence[str] | np.ndarray | None = None,
@@ -121,8 +124,9 @@ def summarize_method(
     counts) or lambdas (continuous scales): the gate's decision per chunk. loss_skip / loss_update: CE per
     chunk under SKIP and under the oracle's update action, for the budget-matched oracle and recovery.
     documents: document id per chunk; CIs resample whole documents (default: every chunk on its own).
-    Costs are mean per chunk from ``cost_table`` (λ > 0 costs one inner pass); a measured
-    ``wall_clock_s_per_chunk`` overrides the table's wall-clock column for this record.
+    Costs are mean per chunk from ``cost_table`` (λ > 0 costs one inner pass); ``overheads`` names the table's
+    measured overhead rows the method's gate adds to every chunk's wall-clock (e.g. ``("recon_probe",)``); a
+    measured ``wall_clock_s_per_chunk`` overrides the wall-clock column for this record.
     """
     tokens_arr = np.asarray(tokens, dtype=np.float64).ravel()
     loss_arr = np.asarray(loss, dtype=np.float64).ravel()
@@ -199,7 +203,12 @@ def summarize_method(
     per_chunk_cost = {}
     if cost_table is not None:
         for unit in COST_FIELDS:
-            if unit == "wall_clock_s" and not cost_table.has_wall_clock:
+            if unit == "wall_clock_s":
+                if cost_table.has_wall_clock:
+                    wall, spread = chunk_wall_clock(cost_table, overheads=overheads, **decision)
+                    per_chunk_cost[unit] = wall.ravel()
+                    cost["wall_clock_spread_s"] = float(spread.mean())
+                    cost[unit] = float(wall.mean())
                 continue
             per_chunk_cost[unit] = chunk_costs(cost_table, unit=unit, **decision).ravel()
             cost[unit] = float(per_chunk_cost[unit].mean())
@@ -389,7 +398,7 @@ def validate_results(results: Sequence[Mapping]) -> list[str]:
             absent = [f for f in COST_FIELDS if f not in cost]
             if absent:
                 problems.append(f"{where}: cost is missing {absent} (use null for an unmeasured unit)")
-            for f in COST_FIELDS:
+            for f in COST_FIELDS + OPTIONAL_COST_FIELDS:
                 if f in cost and not _type_ok(cost[f], ("number", "null")):
                     problems.append(f"{where}: cost.{f}={cost[f]!r} is not a number or null")
             if all(cost.get(f) is None for f in ("relative_flops", "published")):
@@ -438,7 +447,9 @@ def pareto_summary(
     """Per protocol and cost unit: the frontier over all records, and each multi-budget method's AUC.
 
     The AUC range is shared by the methods compared: from the highest of their cheapest points to the
-    dearest point of any record, so every method's step frontier is defined over it.
+    dearest point of any record, so every method's step frontier is defined over it. On the wall-clock axis the
+    frontier's resolution is the largest measured spread of any record (``cost.wall_clock_spread_s``): no
+    frontier step is narrower than what the timings can tell apart.
     """
     out: dict = {}
     for protocol in sorted({r["protocol"] for r in results}):
@@ -450,9 +461,11 @@ def pareto_summary(
                 continue  # a unit some records lack is left out rather than comparing a subset
             costs = [r["cost"][unit] for r in usable]
             losses = [r["loss"] for r in usable]
+            spreads = [r["cost"].get("wall_clock_spread_s") or 0.0 for r in usable] if unit == "wall_clock_s" else []
+            resolution = float(max(spreads, default=0.0))
             frontier = [
                 {"method": usable[i]["method"], "budget": usable[i]["budget"], "cost": costs[i], "loss": losses[i]}
-                for i in pareto_frontier(costs, losses)
+                for i in pareto_frontier(costs, losses, resolution=resolution)
             ]
             methods = sorted({r["method"] for r in usable})
             multi = {m: [r for r in usable if r["method"] == m] for m in methods}
@@ -471,7 +484,7 @@ def pareto_summary(
                         reference_loss=reference,
                     )
                 auc["all"] = frontier_auc(costs, losses, cost_range=(lo, hi), reference_loss=reference)
-            out[protocol][unit] = {"frontier": frontier, "auc": auc}
+            out[protocol][unit] = {"frontier": frontier, "auc": auc, "resolution": resolution}
     return out
 
 
@@ -511,6 +524,7 @@ def build_results_json(
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "run": dict(run or {}),
             "cost_table": cost_table.to_dict() if cost_table is not None else None,
+            "wall_clock_overheads": cost_table.overheads_to_dict() if cost_table is not None else {},
             "results": [dict(r) for r in results],
             "pareto": pareto_summary(results),
             "comparisons": [dict(c) for c in comparisons],
