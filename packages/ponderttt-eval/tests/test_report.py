@@ -344,9 +344,11 @@ def test_paper_plots_show_cis_differences_to_skip_and_fits(toy):
     bars = {c.get_label(): c for c in ax.containers}
     line, caps, (vertical, *_) = bars["recon_gate"]
     np.testing.assert_allclose(line.get_ydata(), [r["loss"] - r["loss_skip"] for r in recon])
-    segments = vertical.get_segments()  # one error bar per budget: the loss CI, shifted by the SKIP loss
-    np.testing.assert_allclose([seg[:, 1] for seg in segments],
-                               [np.asarray(r["loss_ci"]) - r["loss_skip"] for r in recon])
+    assert all(r["delta_skip"] == pytest.approx(r["loss"] - r["loss_skip"]) for r in recon)
+    segments = vertical.get_segments()  # one error bar per budget: the paired CI of the difference to SKIP
+    np.testing.assert_allclose([seg[:, 1] for seg in segments], [r["delta_skip_ci"] for r in recon])
+    for r in recon:  # the paired CI is narrower than the loss's own (the documents' shared difficulty cancels)
+        assert r["delta_skip_ci"][1] - r["delta_skip_ci"][0] < r["loss_ci"][1] - r["loss_ci"][0]
     skip = bars["skip"][0]
     assert skip.get_ydata()[0] == pytest.approx(0.0)  # SKIP sits at 0 on the difference axis
 

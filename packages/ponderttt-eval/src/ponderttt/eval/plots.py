@@ -57,8 +57,9 @@ def plot_pareto(doc: Mapping, path: str | pathlib.Path) -> pathlib.Path:
 def pareto_figure(doc: Mapping) -> Figure:
     """Loss vs. cost of every method (one line through its budgets), the frontier dashed; one row per protocol, one
     column per cost unit every record has. The loss is shown as the difference to SKIP on the same chunks (when the
-    records carry ``loss_skip``), with the loss's 95% CI as vertical error bars; on the wall-clock axis the
-    horizontal error bars span the measured spread (IQR) of each record's cost."""
+    records carry ``loss_skip``) with the paired 95% CI of that difference (``delta_skip_ci``) as vertical error
+    bars (the loss and its CI otherwise); on the wall-clock axis the horizontal error bars span the measured spread
+    (IQR) of each record's cost."""
     results = doc["results"]
     protocols = sorted({r["protocol"] for r in results})
     units = [
@@ -91,11 +92,13 @@ def pareto_figure(doc: Mapping) -> Figure:
                     continue
                 xs = np.asarray([scale * r["cost"][unit] for r in own])
                 ys = np.asarray([r["loss"] - shift[id(r)] for r in own])
-                ci = [r.get("loss_ci") for r in own]
+                # on the difference axis the paired CI of the difference (same chunks), else the loss's own CI
+                ci = [r.get("delta_skip_ci") if relative else r.get("loss_ci") for r in own]
                 yerr = None
                 if all(c is not None for c in ci):
-                    low = np.asarray([c[0] - shift[id(r)] for c, r in zip(ci, own, strict=True)])
-                    high = np.asarray([c[1] - shift[id(r)] for c, r in zip(ci, own, strict=True)])
+                    base = [(r["delta_skip"] if relative else r["loss"]) for r in own]
+                    low = ys - np.asarray([b - c[0] for b, c in zip(base, ci, strict=True)])
+                    high = ys + np.asarray([c[1] - b for b, c in zip(base, ci, strict=True)])
                     yerr = np.vstack([np.maximum(ys - low, 0.0), np.maximum(high - ys, 0.0)])
                 xerr = None
                 if unit == "wall_clock_s" and all(r["cost"].get("wall_clock_spread_s") is not None for r in own):
@@ -120,7 +123,9 @@ def pareto_figure(doc: Mapping) -> Figure:
             ax.grid(True, alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=9)
-    fig.suptitle("Quality vs. compute (error bars: 95% CI of the loss; wall-clock: IQR of the timings)", fontsize=11)
+    bars = "paired 95% CI of the difference to SKIP" if all(
+        r.get("loss_skip") is not None for r in results) else "95% CI of the loss"
+    fig.suptitle(f"Quality vs. compute (error bars: {bars}; wall-clock: IQR of the timings)", fontsize=11)
     fig.tight_layout()
     return fig
 

@@ -28,6 +28,10 @@ def _ci(ci, digits: int = 4) -> str:
     return "" if not ci or any(v is None for v in ci) else f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
+def _signed(x, digits: int = 4) -> str:
+    return "—" if x is None else f"{x:+.{digits}f}"
+
+
 def _pct(x) -> str:
     return "—" if x is None else f"{100.0 * x:.1f}%"
 
@@ -77,6 +81,7 @@ def _results_section(doc: Mapping, protocol: str) -> str:
         "Budget",
         "Update rate",
         "Loss [95% CI]",
+        "Δ vs SKIP [paired 95% CI]",
         "PPL",
         "FLOPs/SKIP",
         "Published",
@@ -93,6 +98,7 @@ def _results_section(doc: Mapping, protocol: str) -> str:
                 _budget(r),
                 _pct(r["update_rate"]),
                 _num(r["loss"]) + _ci(r.get("loss_ci")),
+                _signed(r.get("delta_skip")) + _ci(r.get("delta_skip_ci")),
                 _num(r["perplexity"], 3),
                 _num(r["cost"].get("relative_flops"), 4),
                 _num(r["cost"].get("published"), 3),

@@ -50,6 +50,8 @@ RESULT_FIELDS: dict[str, tuple[bool, tuple[str, ...], str]] = {
     "budget_adherence": (False, ("dict", "null"), "metrics.budget_adherence in budget_unit"),
     "loss_skip": (False, ("number", "null"), "loss of SKIP on the same chunks"),
     "loss_oracle": (False, ("number", "null"), "loss of the budget-matched oracle (same number of updates)"),
+    "delta_skip": (False, ("number", "null"), "loss - loss_skip on the same chunks (nats)"),
+    "delta_skip_ci": (False, ("interval", "null"), "[low, high] paired bootstrap CI of delta_skip (over documents)"),
     "recovery": (False, ("number", "null"), "(loss_skip - loss) / (loss_skip - loss_oracle)"),
     "recovery_ci": (False, ("interval", "null"), "[low, high] bootstrap CI of recovery"),
     "per_language": (False, ("dict", "null"), "language -> {loss, perplexity, tokens, update_rate, loss_skip, ...}"),
@@ -232,10 +234,15 @@ def summarize_method(
     else:
         record["budget_adherence"] = None
 
-    record.update(loss_skip=None, loss_oracle=None, recovery=None, recovery_ci=None)
+    record.update(
+        loss_skip=None, loss_oracle=None, delta_skip=None, delta_skip_ci=None, recovery=None, recovery_ci=None
+    )
     if loss_skip is not None:
         skip_arr = np.asarray(loss_skip, dtype=np.float64).ravel()
         upd_arr = np.asarray(loss_update, dtype=np.float64).ravel()
+        delta = ratio_ci(_cluster_sums((loss_arr - skip_arr) * tokens_arr, clusters),
+                         _cluster_sums(tokens_arr, clusters), **boot)  # paired: the same chunks, documents resampled
+        record.update(delta_skip=delta.value, delta_skip_ci=[delta.low, delta.high])
         all_sel = np.ones(n, dtype=bool)
         l_skip, l_oracle, oracle_chunks = _losses_and_oracle(skip_arr, upd_arr, steps, tokens_arr, all_sel)
         rec = metrics.oracle_recovery(l_skip, record["loss"], l_oracle)
