@@ -123,8 +123,12 @@ def test_smoke_pipeline(tmp_path):
         assert verdict(c)["head"] in (run / "report.md").read_text()
     # one resample count everywhere: each signal row of signals.md / signals.json (the analyze stage) is the row of
     # results.json / report.md (the compare stage), CI included (the same held-out chunks at the smoke preset)
-    analyze = run_app("analyze", "--preset", "smoke", "--output-dir", str(tmp_path), "--name", "smoke", "--no-progress")
+    # `analyze --name RUN` repeats no preset or flag: it takes the run's config.json (and so its tokenizer)
+    tokenizers = sorted((tmp_path / "cache" / "tokenizers").glob("*.json"))
+    analyze = run_app("analyze", "--output-dir", str(tmp_path), "--name", "smoke", "--no-progress")
     assert analyze.returncode == 0, analyze.stderr[-4000:]
+    assert sorted((tmp_path / "cache" / "tokenizers").glob("*.json")) == tokenizers and len(tokenizers) == 1
+    assert json.loads((run / "config-analyze.json").read_text())["preset"] == "smoke"
     analyzed = json.loads((run / "signals.json").read_text())
     assert analyzed and analyzed == doc["signals"]
     # the run describes itself: code version, package and library versions, devices, in config.json and results.json
@@ -170,8 +174,7 @@ def test_smoke_pipeline(tmp_path):
     finished, exported = ppo_lines(), load_exported(run / "gate_ppo")
     shutil.rmtree(run / "checkpoints" / "gate_ppo" / "20")
     shutil.rmtree(run / "gate_ppo")
-    resumed = run_app("gate", "--preset", "smoke", "--output-dir", str(tmp_path), "--name", "smoke", "--resume",
-                      "--no-progress")
+    resumed = run_app("gate", "--output-dir", str(tmp_path), "--name", "smoke", "--resume", "--no-progress")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "gate gumbel: reused" in resumed.stdout and "gate ppo: trained" in resumed.stdout
     assert ppo_lines() == finished and len(finished) == 4  # steps 5, 10, 15, 20, bit-identical

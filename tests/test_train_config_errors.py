@@ -56,7 +56,7 @@ def test_missing_backbone_directory_is_named(tmp_path):
 def test_missing_checkpoint_directory_is_named(tmp_path):
     out = tmp_path / "out"
     (out / "r1").mkdir(parents=True)
-    (out / "r1" / "config.json").write_text("{}")
+    (out / "r1" / "config.json").write_text('{"command": "ttt", "preset": "cpu", "config": {}}')
     proc = run_app("gate", "--output-dir", str(out), "--name", "r1")
     assert proc.returncode == 2
     assert f"missing checkpoint directory {out / 'r1' / 'checkpoints' / 'ttt'}" in flat(proc.stderr)
@@ -70,3 +70,15 @@ def test_missing_reproduce_backbones_are_named(tmp_path):
     assert proc.returncode == 2
     assert f"--scales 125m (under --backbone-root)={tmp_path / 'gpt2'}: missing backbone directory" in flat(
         proc.stderr)
+
+
+def test_a_malformed_run_config_is_named(tmp_path):
+    out = tmp_path / "out"
+    (out / "r1").mkdir(parents=True)
+    (out / "r1" / "config.json").write_text("{not json")
+    proc = run_app("compare", "--output-dir", str(out), "--name", "r1")
+    assert proc.returncode == 2
+    assert f"{out / 'r1' / 'config.json'}: the run's config record is not valid JSON" in flat(proc.stderr)
+    (out / "r1" / "config.json").write_text("[]")
+    proc = run_app("analyze", "--output-dir", str(out), "--name", "r1")
+    assert proc.returncode == 2 and 'not a run config record (no "config" mapping)' in flat(proc.stderr)

@@ -86,7 +86,7 @@ def test_unknown_command_is_a_usage_error():
 def test_evaluate_without_benchmarks_says_what_it_needs_and_writes_nothing(tmp_path):
     run = tmp_path / "out" / "r"
     (run / "checkpoints" / "ttt" / "3").mkdir(parents=True)  # what `evaluate` needs of the run
-    (run / "config.json").write_text("{}")
+    (run / "config.json").write_text('{"command": "ttt", "preset": "smoke", "config": {}}')
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     proc = run_app("evaluate", "--preset", "smoke", "--output-dir", str(tmp_path / "out"), "--name", "r")
     assert proc.returncode == cli.EXIT_USAGE, proc.stderr

@@ -48,4 +48,4 @@ def test_pretrain_trains_caches_and_reuses(tmp_path, corpus, capsys):
     assert not (tmp_path / "second" / "metrics.jsonl").exists()
 
     assert cli.main([*args, "--name", "first", "--resume", "--seed", "1"]) == 2  # flags differ from the run's
-    assert "the flags differ" in capsys.readouterr().err
+    assert "--seed=1 contradicts run 'first', made with run.seed=0" in capsys.readouterr().err

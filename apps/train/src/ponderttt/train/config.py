@@ -32,6 +32,7 @@ KNOWN_METHODS = FIXED_METHODS + BASELINE_METHODS + TRAINING_FREE_GATES + TRAINAB
 PRESET_NAMES = ("smoke", "cpu", "gpu", "tpu-pod")
 DEFAULT_PRESET = "cpu"
 MIN_TIMING_REPEATS = 5  # timed rounds of the wall-clock cost table, at least
+LATER_STAGES = ("gate", "compare", "analyze", "evaluate")  # commands that work on an existing run
 # `reproduce --scales`: scale name -> directory name of the HF checkpoint under --backbone-root.
 SCALE_DIRS = {
     "125m": "gpt2",
@@ -92,6 +93,17 @@ class RunConfig:
         if self.name is not None:
             _require(self.name not in ("", ".", "..") and "/" not in self.name and self.name != "cache",
                      f"--name={self.name!r} is not a run directory name: use letters, digits, '-' or '_'")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadRunConfig(RunConfig):
+    """Where a run is and how its output is shown, for a command that reads a trained run (compare, analyze,
+    evaluate): the training-only options (checkpoints, logging and evaluation intervals) are not offered."""
+
+    keep_checkpoints: Annotated[int, tyro.conf.Suppress] = RunConfig.keep_checkpoints
+    checkpoint_every: Annotated[int, tyro.conf.Suppress] = RunConfig.checkpoint_every
+    log_every: Annotated[int, tyro.conf.Suppress] = RunConfig.log_every
+    eval_every: Annotated[int, tyro.conf.Suppress] = RunConfig.eval_every
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,6 +398,9 @@ def _check_compared_gates_are_trained(gate: GateConfig, compare: CompareConfig) 
 
 
 Run = Annotated[RunConfig, tyro.conf.OmitArgPrefixes]
+ReadRun = Annotated[ReadRunConfig, tyro.conf.OmitArgPrefixes]
+# A command that reads a trained run takes these sections from the run's config.json (no flags: nothing to train)
+Trained = tyro.conf.Suppress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -428,12 +443,12 @@ class GateCommand:
 class CompareCommand:
     """Compare every method x budget on the same held-out chunks (reset and carry protocols)."""
 
-    run: Run = RunConfig()
+    run: ReadRun = ReadRunConfig()
     platform: PlatformConfig = PlatformConfig()
     data: DataConfig = DataConfig()
-    backbone: BackboneConfig = BackboneConfig()
-    adapter: AdapterConfig = AdapterConfig()
-    gate: GateConfig = GateConfig()
+    backbone: Annotated[BackboneConfig, Trained] = BackboneConfig()
+    adapter: Annotated[AdapterConfig, Trained] = AdapterConfig()
+    gate: Annotated[GateConfig, Trained] = GateConfig()
     compare: CompareConfig = CompareConfig()
 
     def __post_init__(self) -> None:
@@ -444,11 +459,11 @@ class CompareCommand:
 class AnalyzeCommand:
     """Correlate per-chunk signals with the oracle advantage (the published scaling table)."""
 
-    run: Run = RunConfig()
+    run: ReadRun = ReadRunConfig()
     platform: PlatformConfig = PlatformConfig()
     data: DataConfig = DataConfig()
-    backbone: BackboneConfig = BackboneConfig()
-    adapter: AdapterConfig = AdapterConfig()
+    backbone: Annotated[BackboneConfig, Trained] = BackboneConfig()
+    adapter: Annotated[AdapterConfig, Trained] = AdapterConfig()
     analyze: AnalyzeConfig = AnalyzeConfig()
     compare: CompareConfig = CompareConfig()
     """Only --compare.n-resamples is read: one bootstrap count for every CI of a run."""
@@ -458,11 +473,11 @@ class AnalyzeCommand:
 class EvaluateCommand:
     """Evaluate on code and reasoning benchmarks with TTT during generation."""
 
-    run: Run = RunConfig()
+    run: ReadRun = ReadRunConfig()
     platform: PlatformConfig = PlatformConfig()
     data: DataConfig = DataConfig()
-    backbone: BackboneConfig = BackboneConfig()
-    adapter: AdapterConfig = AdapterConfig()
+    backbone: Annotated[BackboneConfig, Trained] = BackboneConfig()
+    adapter: Annotated[AdapterConfig, Trained] = AdapterConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     compare: CompareConfig = CompareConfig()
     """Only --compare.n-resamples is read: one bootstrap count for every CI of a run."""
@@ -599,7 +614,9 @@ def preset(command: str, name: str = DEFAULT_PRESET) -> Any:
         raise ConfigError(f"unknown command {command!r}; choose one of {', '.join(COMMANDS)}")
     cls = COMMANDS[command]
     sections = PRESETS[name]()
-    fields = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if fields["run"].default is not dataclasses.MISSING and type(fields["run"].default) is not RunConfig:
+        sections["run"] = type(fields["run"].default)(**dataclasses.asdict(sections["run"]))  # e.g. ReadRunConfig
     return cls(**{key: value for key, value in sections.items() if key in fields})
 
 

@@ -17,13 +17,18 @@ import jax
 from ponderttt.data import load_tokenizer
 from ponderttt.train import adapter, aggregate, backbone, corpus, distributed, evaluate, gates
 from ponderttt.train.comparison import run_analyze, run_compare
-from ponderttt.train.config import SCALE_DIRS, TRAINABLE_GATES, BackboneConfig, ConfigError, PipelineCommand
+from ponderttt.train.config import (
+    LATER_STAGES,
+    SCALE_DIRS,
+    TRAINABLE_GATES,
+    BackboneConfig,
+    ConfigError,
+    PipelineCommand,
+)
 from ponderttt.train.distributed import say
 from ponderttt.train.logs import attach_run_log
 from ponderttt.train.provenance import provenance
 from ponderttt.train.rundir import RunDir, config_hash, require_backbone_dir, resolve_run_dir, stamp
-
-LATER_STAGES = ("gate", "compare", "analyze", "evaluate")  # commands that work on an existing run
 
 
 def _existing_run(config: Any, command: str, preset: str) -> RunDir:
