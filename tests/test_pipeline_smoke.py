@@ -11,6 +11,8 @@ import sys
 import numpy as np
 import pytest
 
+from ponderttt.train import metrics as train_metrics
+
 APP = pathlib.Path(__file__).resolve().parents[1] / "apps" / "train"
 METHODS = ("skip", "update_1", "random", "oracle", "recon", "gumbel", "continuous", "ppo")
 LEARNED = ("gumbel", "continuous", "ppo")
@@ -169,7 +171,7 @@ def test_smoke_pipeline(tmp_path):
     # resumes from step 10 to the same metrics and parameters; the finished gumbel and continuous gates are reused
     def ppo_lines() -> list[dict]:  # every logged value of the stage but the wall-clock time
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in row.items() if k != "time"} for row in rows if row["stage"] == "gate_ppo"]
+        return [train_metrics.without_clock(row) for row in rows if row["stage"] == "gate_ppo"]
 
     finished, exported = ppo_lines(), load_exported(run / "gate_ppo")
     shutil.rmtree(run / "checkpoints" / "gate_ppo" / "20")

@@ -18,6 +18,8 @@ import time
 import numpy as np
 import pytest
 
+from ponderttt.train.metrics import without_clock
+
 APP = pathlib.Path(__file__).resolve().parents[1] / "apps" / "train"
 # `ttt --preset smoke`, shrunk: 10 pretrain and 12 adapter steps, checkpoints every 4 (keep 2), a metric line
 # every step, a held-out evaluation at steps 6 and 12 (its first compilation is the window a test kills in).
@@ -48,7 +50,7 @@ def finish(proc: subprocess.Popen) -> str:
 def records(run: pathlib.Path) -> list[dict]:
     """metrics.jsonl without the wall-clock time."""
     lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in lines]
+    return [without_clock(json.loads(line)) for line in lines]
 
 
 def steps(folder: pathlib.Path) -> list[int]:

@@ -9,7 +9,7 @@ import pytest
 
 from ponderttt.train.config import ConfigError, RunConfig
 from ponderttt.train.loop import train_loop
-from ponderttt.train.metrics import MetricsLogger, read_jsonl, truncate_jsonl
+from ponderttt.train.metrics import MetricsLogger, read_jsonl, truncate_jsonl, without_clock
 from ponderttt.train.rundir import RunDir
 
 
@@ -92,7 +92,33 @@ def test_loop_resumes_where_the_checkpoint_left_off(tmp_path):
     resumed = run(tmp_path / "cut", 10, resume=True)
     assert resumed.start_step == 6
     assert float(resumed.state["w"]) == float(reference.state["w"])
-    strip = lambda records: [{k: v for k, v in r.items() if k != "time"} for r in records]
+    strip = lambda records: [without_clock(r) for r in records]
     assert strip(read_jsonl(tmp_path / "cut" / "r" / "metrics.jsonl")) == strip(logged)
     again = run(tmp_path / "cut", 10, resume=True)  # already complete: nothing runs
     assert again.start_step == 10 and again.last_metrics["loss"] == logged[-1]["loss"]
+
+
+def test_loop_logs_learning_rate_and_step_time(tmp_path):
+    result = run(tmp_path, 6, learning_rate=lambda step: 0.5 / step)
+    logged = read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    assert [r["lr"] for r in logged] == [0.25, 0.125, 0.5 / 6]  # the rate each logged step used
+    assert all(r["step_time_s"] > 0 for r in logged)
+    assert "step_time_s" not in result.last_metrics and result.last_metrics["lr"] == 0.5 / 6
+    assert {"toy/lr", "toy/step_time_s", "toy/loss"} <= scalar_tags(tmp_path / "r" / "tensorboard" / "toy")
+
+
+def scalar_tags(folder):
+    """The scalar tags in a folder's TensorBoard event files (TFRecord framing: length, CRC, event, CRC)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    tags = set()
+    for path in folder.glob("events.*"):
+        data, i = path.read_bytes(), 0
+        while i + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])
+            tags |= {value.tag for value in event.summary.value}
+            i += 12 + length + 4
+    return tags

@@ -23,6 +23,7 @@ from ponderttt.train.backbone import EVAL_BATCHES, lm_loss
 from ponderttt.train.checkpoint import Checkpointer, has_checkpoint
 from ponderttt.train.config import AdapterConfig, DataConfig, RunConfig
 from ponderttt.train.loop import train_loop
+from ponderttt.train.optim import make_optimizer
 from ponderttt.train.rundir import RunDir
 from ponderttt.ttt import TTTConfig
 
@@ -93,10 +94,7 @@ def train_adapter(*, run: RunConfig, data: DataConfig, adapter: AdapterConfig, r
         load_adapter(model, run_dir)
         return {"cached": 1.0}
     graphdef, trainable, rest = nnx.split(model, TRAINABLE, ...)
-    warmup = max(1, adapter.train_steps // 10)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, adapter.lr, warmup, adapter.train_steps,
-                                                  end_value=adapter.lr * 0.1)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+    tx, lr_at = make_optimizer(adapter.optimizer, adapter.lr, adapter.train_steps)
     state = {"adapter": trainable, "opt": tx.init(trainable)}
 
     def loss_of(params: Any, batch: dict[str, Any]) -> tuple[Any, dict]:
@@ -133,7 +131,7 @@ def train_adapter(*, run: RunConfig, data: DataConfig, adapter: AdapterConfig, r
         result = train_loop(stage="ttt", run_dir=run_dir, run=run, state=state,
                             step_fn=lambda s, b: train_step(s, to_global(b)), batches=stream,
                             total_steps=adapter.train_steps, tokens_per_step=data.batch_size * data.seq_len,
-                            eval_fn=evaluate)
+                            eval_fn=evaluate, learning_rate=lambda step: lr_at(step - 1))
     with Checkpointer(export_dir(run_dir), keep=1, async_save=False) as ckpt:
         ckpt.save(adapter.train_steps, {"adapter": result.state["adapter"]}, {"final_metrics": result.last_metrics})
     nnx.update(model, result.state["adapter"])

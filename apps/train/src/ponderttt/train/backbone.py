@@ -19,6 +19,7 @@ from ponderttt.train import corpus, distributed
 from ponderttt.train.checkpoint import Checkpointer, has_checkpoint
 from ponderttt.train.config import BackboneConfig, DataConfig, PlatformConfig, RunConfig
 from ponderttt.train.loop import train_loop
+from ponderttt.train.optim import make_optimizer
 from ponderttt.train.rundir import RunDir, cache_dir, require_backbone_dir
 
 EVAL_BATCHES = 2
@@ -92,10 +93,7 @@ def pretrain(*, run: RunConfig, platform: PlatformConfig, data: DataConfig, back
     config = gpt2_config(data, backbone, tok.vocab_size)
     model = build_gpt2(config, platform, mesh, seed=run.seed)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    warmup = max(1, backbone.pretrain_steps // 10)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, backbone.pretrain_lr, warmup, backbone.pretrain_steps,
-                                                  end_value=backbone.pretrain_lr * 0.1)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.95, weight_decay=0.1))
+    tx, lr_at = make_optimizer(backbone.optimizer, backbone.pretrain_lr, backbone.pretrain_steps)
     state = {"params": params, "opt": tx.init(params)}
 
     def loss_of(params: Any, batch: dict[str, Any]) -> Any:
@@ -125,7 +123,7 @@ def pretrain(*, run: RunConfig, platform: PlatformConfig, data: DataConfig, back
         result = train_loop(stage="pretrain", run_dir=run_dir, run=run, state=state,
                             step_fn=lambda s, b: train_step(s, to_global(b)), batches=stream,
                             total_steps=backbone.pretrain_steps, tokens_per_step=data.batch_size * data.seq_len,
-                            eval_fn=evaluate)
+                            eval_fn=evaluate, learning_rate=lambda step: lr_at(step - 1))
     with Checkpointer(folder, keep=1, async_save=False) as ckpt:
         ckpt.save(backbone.pretrain_steps, {"params": result.state["params"]},
                   {"gpt2_config": dataclasses.asdict(config), "tokenizer": pathlib.Path(tok.name).name,

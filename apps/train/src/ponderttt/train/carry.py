@@ -28,6 +28,7 @@ from ponderttt.train import distributed
 from ponderttt.train.adapter import BATCH_KEYS, chunk_losses
 from ponderttt.train.compare import UPDATE_ACTION, HeldOut, make_method_gate, method_budgets, method_record
 from ponderttt.train.config import DataConfig
+from ponderttt.train.metrics import progress_bar
 
 
 class CarryUnsupported(ValueError):
@@ -141,8 +142,9 @@ def roll_out_carry(model: Any, gate: Any, batches: Sequence[dict[str, Any]], *, 
 def compare_carry(model: Any, batches: Sequence[dict[str, Any]], held: HeldOut, methods: Sequence[str],
                   budgets: Sequence[float], *, data: DataConfig, mesh: Any, calibration_signal: np.ndarray,
                   trained: Mapping[str, Any] | None = None, cost_table: Any = None,
-                  n_resamples: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
-    """Every (method, budget) under carry on the same sequences as `held` (which must come from `batches`)."""
+                  n_resamples: int = 1000, seed: int = 0, progress: bool = False) -> list[dict[str, Any]]:
+    """Every (method, budget) under carry on the same sequences as `held` (which must come from `batches`);
+    `progress`: a bar over the records (each a roll-out of the model)."""
     trained = dict(trained or {})
     pairs = method_budgets(methods, budgets)
     never = roll_out_carry(model, make_method_gate("skip", None, None, {}), batches, data=data, mesh=mesh, seed=seed)
@@ -152,7 +154,7 @@ def compare_carry(model: Any, batches: Sequence[dict[str, Any]], held: HeldOut, 
                           tokens=held.tokens, signal=held.signal, features=held.features, documents=held.documents,
                           languages=held.languages)
     records = []
-    for method, budget in pairs:
+    for method, budget in progress_bar(pairs, "carry protocol: roll-outs", enabled=progress, unit="record"):
         if method == "oracle":
             gate = make_method_gate_batch_oracle(budget)
         else:

@@ -41,6 +41,7 @@ from ponderttt.gating import (
     top_k_mask,
 )
 from ponderttt.train.config import FIXED_METHODS, TRAINABLE_GATES
+from ponderttt.train.metrics import progress_bar
 
 # results.json method name -> gating registry spec (learned gates come from their checkpoints instead)
 GATE_SPECS = {
@@ -224,13 +225,15 @@ def compare_reset(held: HeldOut, methods: Sequence[str], budgets: Sequence[float
 def run_reset(held: HeldOut, methods: Sequence[str], budgets: Sequence[float], *,
               calibration_signal: np.ndarray, trained: Mapping[str, Any] | None = None,
               loss_at_scale: Callable[[np.ndarray], np.ndarray] | None = None, cost_table: Any = None,
-              n_resamples: int = 1000, seed: int = 0
+              n_resamples: int = 1000, seed: int = 0, progress: bool = False
               ) -> tuple[list[dict[str, Any]], dict[tuple[str, float | None], np.ndarray]]:
     """Every (method, budget) under the reset protocol, on the same chunks: (results.json records, the per-chunk
     losses [B, N] of each (method, budget), for paired comparisons). Discrete gates read the loss table;
-    continuous gates (no actions) are evaluated by `loss_at_scale(λ [B, N]) -> loss [B, N]`."""
+    continuous gates (no actions) are evaluated by `loss_at_scale(λ [B, N]) -> loss [B, N]`. `progress`: a bar over
+    the records."""
     records, losses = [], {}
-    for method, budget in method_budgets(methods, budgets):
+    for method, budget in progress_bar(method_budgets(methods, budgets), "reset protocol: records", enabled=progress,
+                                       unit="record"):
         gate = make_method_gate(method, budget, calibration_signal, trained or {})
         actions, scales = roll_out(gate, held, seed=seed)
         if actions is not None:

@@ -31,11 +31,13 @@ def run_compare(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, c
     writes results.json, report.md and plots into the run directory (process 0)."""
     data, cmp = config.data, config.compare
     language = corpus.language(data)
+    shown = config.run.progress and jax.process_index() == 0  # progress bars on process 0's stderr
     n_batches = -(-cmp.eval_sequences // data.batch_size)
     test_batches = corpus.fixed_batches(data, tok, "test", n_batches)
-    held = heldout.evaluate_held_out(model, test_batches, data=data, mesh=mesh, language=language)
+    say(f"compare: held-out passes over {len(test_batches)} test batches ({data.batch_size} sequences each)")
+    held = heldout.evaluate_held_out(model, test_batches, data=data, mesh=mesh, language=language, progress=shown)
     val = heldout.evaluate_held_out(model, corpus.fixed_batches(data, tok, "val", max(n_batches, EVAL_BATCHES)),
-                                    data=data, mesh=mesh, language=language, skip_only=True)
+                                    data=data, mesh=mesh, language=language, skip_only=True, progress=shown)
     say(f"compare: timing every action on one held-out batch ({cmp.timing_repeats} interleaved rounds)")
     wall = timing.measure_wall_clock(model, test_batches[0], data=data, mesh=mesh, repeats=cmp.timing_repeats)
     costs = heldout.cost_table(model.config, data, config.adapter, wall)
@@ -45,15 +47,18 @@ def run_compare(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, c
     def loss_at_scale(scales: Any) -> Any:  # continuous gates: one pass at their λ
         return heldout.losses_at_scales(model, test_batches, scales, data=data, mesh=mesh)
 
+    say(f"compare: reset protocol, {len(compare.method_budgets(methods, cmp.budgets))} records "
+        f"({cmp.n_resamples} bootstrap resamples per CI)")
     records, losses = compare.run_reset(held, methods, cmp.budgets, calibration_signal=val.signal,
                                         trained=trained, loss_at_scale=loss_at_scale, cost_table=costs,
-                                        n_resamples=cmp.n_resamples, seed=config.run.seed)
+                                        n_resamples=cmp.n_resamples, seed=config.run.seed, progress=shown)
     protocols = ["reset"]
     if "carry" in cmp.protocols:
         try:
+            say("compare: carry protocol, one roll-out per record")
             records += carry.compare_carry(model, test_batches, held, methods, cmp.budgets, data=data, mesh=mesh,
                                            calibration_signal=val.signal, trained=trained, cost_table=costs,
-                                           n_resamples=cmp.n_resamples, seed=config.run.seed)
+                                           n_resamples=cmp.n_resamples, seed=config.run.seed, progress=shown)
             protocols.append("carry")
         except carry.CarryUnsupported as error:
             say(f"compare: the carry protocol did not run: {error}")
@@ -74,6 +79,7 @@ def run_compare(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, c
         say(f"compare: warning: {warning}")
     signal_rows, columns = analyze_signals(config, held)
     if jax.process_index() == 0:
+        say("compare: writing results.json, report.md and the plots")
         written = write_report(run_dir.root, records, run=run_info, cost_table=costs, comparisons=comparisons,
                                signals=signal_rows, signal_samples=columns, signal_names=tuple(held.signals))
         say(f"compare: {len(records)} results ({' and '.join(protocols)} protocols); wrote "
@@ -87,7 +93,8 @@ def run_analyze(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any) -
     data = config.data
     n_batches = -(-config.analyze.eval_sequences // data.batch_size)
     held = heldout.evaluate_held_out(model, corpus.fixed_batches(data, tok, "test", n_batches), data=data,
-                                     mesh=mesh, language=corpus.language(data))
+                                     mesh=mesh, language=corpus.language(data),
+                                     progress=config.run.progress and jax.process_index() == 0)
     held = dataclasses.replace(held, signals={k: v for k, v in held.signals.items() if k in config.analyze.signals})
     if not held.signals:
         raise ConfigError(f"--analyze.signals={' '.join(config.analyze.signals)}: none of them is computed; "
@@ -106,6 +113,8 @@ def analyze_signals(config: Any, held: HeldOut) -> tuple[list[dict[str, Any]], d
     columns: dict[str, Any] = {name: values.reshape(-1) for name, values in held.signals.items()}
     columns.update({"oracle_advantage": held.advantage.reshape(-1), "language": held.languages.reshape(-1),
                     "model": [model] * held.advantage.size})
+    say(f"analyze: correlating {len(held.signals)} signals with the oracle advantage on {held.advantage.size} "
+        f"chunks ({config.compare.n_resamples} bootstrap resamples per CI)")
     rows = signal_table(columns, signals=tuple(held.signals), n_resamples=config.compare.n_resamples,
                         seed=config.run.seed)
     for row in rows:

@@ -107,6 +107,43 @@ class ReadRunConfig(RunConfig):
 
 
 @dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """One trainer's optimiser (optax): the update rule, its learning-rate schedule, global-norm gradient clipping
+    and weight decay. The peak learning rate is the trainer's own flag (e.g. --adapter.lr)."""
+
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    """adamw (decoupled weight decay), adam (weight decay must be 0), sgd (momentum b1)."""
+    b1: float = 0.9
+    """Adam's first-moment decay; SGD's momentum."""
+    b2: float = 0.999
+    """Adam's second-moment decay."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (adamw; sgd adds it to the gradient)."""
+    schedule: Literal["warmup_cosine", "constant"] = "warmup_cosine"
+    """warmup_cosine: linear warm-up from 0, then cosine decay to end_fraction x the peak; constant: the peak."""
+    warmup_fraction: float = 0.1
+    """Warm-up steps as a fraction of the trainer's steps (at least one step; warmup_cosine)."""
+    end_fraction: float = 0.1
+    """Final learning rate as a fraction of the peak (warmup_cosine)."""
+    clip_norm: float | None = 1.0
+    """Clip the gradients' global norm to this (None: no clipping)."""
+
+    def check(self, flag: str) -> None:
+        """ConfigError naming `flag`.<field> (e.g. --adapter.optimizer.b2) for a value outside its range."""
+        for name in ("b1", "b2"):
+            value = getattr(self, name)
+            _require(0.0 <= value < 1.0, f"{flag}.{name}={value} must lie in [0, 1)")
+        _require(0.0 <= self.weight_decay < float("inf"),
+                 f"{flag}.weight-decay={self.weight_decay} must be finite and >= 0")
+        _require(self.name != "adam" or self.weight_decay == 0.0,
+                 f"{flag}.weight-decay={self.weight_decay}: adam has no weight decay; use {flag}.name adamw")
+        _require(0.0 <= self.warmup_fraction < 1.0, f"{flag}.warmup-fraction={self.warmup_fraction} must lie in [0, 1)")
+        _require(0.0 <= self.end_fraction <= 1.0, f"{flag}.end-fraction={self.end_fraction} must lie in [0, 1]")
+        _require(self.clip_norm is None or 0.0 < self.clip_norm < float("inf"),
+                 f"{flag}.clip-norm={self.clip_norm} must be positive and finite (or None: no clipping)")
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Device mesh shape; -1 fills the remaining devices (at most one axis)."""
 
@@ -224,6 +261,8 @@ class BackboneConfig:
     pretrain_steps: int = 400
     """Optimizer steps of the in-house pretraining (ignored with --backbone.path)."""
     pretrain_lr: float = 3e-3
+    optimizer: OptimizerConfig = OptimizerConfig(b2=0.95, weight_decay=0.1)
+    """The pretraining optimiser (peak learning rate: --backbone.pretrain-lr)."""
 
     def __post_init__(self) -> None:
         for flag, value in (("--backbone.n-layer", self.n_layer), ("--backbone.n-head", self.n_head),
@@ -231,7 +270,9 @@ class BackboneConfig:
             _require(value >= 1, f"{flag}={value} must be positive")
         _require(self.n_embd % self.n_head == 0,
                  f"--backbone.n-embd={self.n_embd} is not divisible by --backbone.n-head={self.n_head}")
-        _require(self.pretrain_lr > 0, f"--backbone.pretrain-lr={self.pretrain_lr} must be positive")
+        _require(0 < self.pretrain_lr < float("inf"), f"--backbone.pretrain-lr={self.pretrain_lr} must be positive and "
+                                                      "finite")
+        self.optimizer.check("--backbone.optimizer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,13 +292,16 @@ class AdapterConfig:
     lr: float = 1e-3
     protocol: ProtocolName = "reset"
     """Fast-weight state across the chunks of a sequence while training."""
+    optimizer: OptimizerConfig = OptimizerConfig()
+    """The adapter's optimiser (peak learning rate: --adapter.lr)."""
 
     def __post_init__(self) -> None:
         _require(self.num_heads >= 1, f"--adapter.num-heads={self.num_heads} must be positive")
         _require(self.base_lr > 0, f"--adapter.base-lr={self.base_lr} must be positive")
         _require(self.beta >= 0, f"--adapter.beta={self.beta} must be non-negative")
         _require(self.train_steps >= 1, f"--adapter.train-steps={self.train_steps} must be positive")
-        _require(self.lr > 0, f"--adapter.lr={self.lr} must be positive")
+        _require(0 < self.lr < float("inf"), f"--adapter.lr={self.lr} must be positive and finite")
+        self.optimizer.check("--adapter.optimizer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,12 +320,18 @@ class GateConfig:
     """PPO epochs over each rollout (one training batch: chunks x sequences decisions)."""
     ppo_minibatches: int = 4
     """PPO minibatches per epoch; must divide chunks per sequence x --data.batch-size."""
+    optimizer: OptimizerConfig = OptimizerConfig(name="adam", schedule="constant")
+    """The gumbel and continuous gates' optimiser (peak learning rate: --gate.lr)."""
+    ppo_optimizer: OptimizerConfig = OptimizerConfig(name="adam", schedule="constant", clip_norm=0.5)
+    """The PPO gate's optimiser (peak learning rate: --gate.lr), applied once per PPO minibatch."""
 
     def __post_init__(self) -> None:
         _check_methods("--gate.gates", self.gates, TRAINABLE_GATES)
         _check_budget("--gate.budget", self.budget)
         _require(self.train_steps >= 1, f"--gate.train-steps={self.train_steps} must be positive")
-        _require(self.lr > 0, f"--gate.lr={self.lr} must be positive")
+        _require(0 < self.lr < float("inf"), f"--gate.lr={self.lr} must be positive and finite")
+        self.optimizer.check("--gate.optimizer")
+        self.ppo_optimizer.check("--gate.ppo-optimizer")
         _require(self.scale_max > 0, f"--gate.scale-max={self.scale_max} must be positive")
         _require(self.ppo_epochs >= 1, f"--gate.ppo-epochs={self.ppo_epochs} must be positive")
         _require(self.ppo_minibatches >= 1, f"--gate.ppo-minibatches={self.ppo_minibatches} must be positive")

@@ -51,6 +51,7 @@ from ponderttt.train.checkpoint import Checkpointer, data_to_key, has_checkpoint
 from ponderttt.train.config import TRAINABLE_GATES, DataConfig, GateConfig, RunConfig
 from ponderttt.train.heldout import ACTION_PASSES, skip_outputs, update_outputs
 from ponderttt.train.loop import train_loop
+from ponderttt.train.optim import make_optimizer
 from ponderttt.train.rundir import RunDir
 
 
@@ -107,11 +108,15 @@ def train_gate(name: str, *, run: RunConfig, data: DataConfig, gate: GateConfig,
         return load_gate(name, gate, run_dir, run.seed), {"cached": 1.0}
     module = build_gate(name, gate, run.seed)
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-    if name == "ppo":
-        state, step_fn = _ppo_trainer(module, data=data, model=model, seed=run.seed)
+    if name == "ppo":  # one optimiser update per PPO minibatch: epochs x minibatches per step
+        updates_per_step = gate.ppo_epochs * gate.ppo_minibatches
+        tx, lr_at = make_optimizer(gate.ppo_optimizer, gate.lr, gate.train_steps * updates_per_step)
+        state, step_fn = _ppo_trainer(module, data=data, model=model, seed=run.seed, tx=tx)
     else:
+        tx, lr_at = make_optimizer(gate.optimizer, gate.lr, gate.train_steps)
+        updates_per_step = 1
         state, step_fn = _differentiable_trainer(name, graphdef, params, rest, data=data, gate=gate, model=model,
-                                                 seed=run.seed, beta=beta)
+                                                 seed=run.seed, beta=beta, tx=tx)
 
     def to_global(batch: dict[str, Any]) -> dict[str, Any]:
         return {k: distributed.global_batch(np.asarray(batch[k]), mesh, data.batch_size) for k in BATCH_KEYS}
@@ -120,7 +125,8 @@ def train_gate(name: str, *, run: RunConfig, data: DataConfig, gate: GateConfig,
     with jax.set_mesh(mesh):
         result = train_loop(stage=f"gate_{name}", run_dir=run_dir, run=run, state=state,
                             step_fn=lambda s, b: step_fn(s, to_global(b)), batches=stream,
-                            total_steps=gate.train_steps, tokens_per_step=data.batch_size * data.seq_len)
+                            total_steps=gate.train_steps, tokens_per_step=data.batch_size * data.seq_len,
+                            learning_rate=lambda step: lr_at((step - 1) * updates_per_step))
     trained = result.state["ppo"].params if name == "ppo" else result.state["gate"]
     with Checkpointer(export_dir(run_dir, name), keep=1, async_save=False) as ckpt:
         ckpt.save(gate.train_steps, {"gate": trained}, {"budget": gate.budget, "final_metrics": result.last_metrics})
@@ -128,11 +134,10 @@ def train_gate(name: str, *, run: RunConfig, data: DataConfig, gate: GateConfig,
 
 
 def _differentiable_trainer(name: str, graphdef: Any, params: Any, rest: Any, *, data: DataConfig, gate: GateConfig,
-                            model: Any, seed: int, beta: float) -> tuple[dict[str, Any], Any]:
+                            model: Any, seed: int, beta: float, tx: Any) -> tuple[dict[str, Any], Any]:
     """Gumbel and continuous: the task loss backpropagates through λ into the gate; PID multiplier on mean(λ)."""
     m_graphdef, m_state = nnx.split(model)
     pid_cfg = PIDConfig(cost_limit=gate.budget)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(gate.lr))
     state = {"gate": params, "opt": tx.init(params), "controller": pid_init(pid_cfg),
              "step": jnp.zeros((), jnp.int32), "rng": key_to_data(jax.random.key(seed + 3))}
     n_chunks = data.chunks_per_sequence
@@ -176,9 +181,9 @@ def action_losses(model: Any, batch: dict[str, Any], chunk_size: int) -> tuple[A
     return features, jax.lax.stop_gradient(jnp.stack(losses, axis=-1))
 
 
-def _ppo_trainer(module: Any, *, data: DataConfig, model: Any, seed: int) -> tuple[dict[str, Any], Any]:
+def _ppo_trainer(module: Any, *, data: DataConfig, model: Any, seed: int, tx: Any) -> tuple[dict[str, Any], Any]:
     """PPO-Lagrangian on one-chunk episodes (reset protocol): reward loss(SKIP) − loss(action), normalised cost."""
-    learner = PPOLearner(module.cfg)
+    learner = PPOLearner(module.cfg, tx=tx)
     graphdef, train_state = learner.init(module)
     m_graphdef, m_state = nnx.split(model)
     costs_table = CostTable.published()

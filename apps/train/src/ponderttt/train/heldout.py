@@ -25,6 +25,7 @@ from ponderttt.train import distributed
 from ponderttt.train.adapter import BATCH_KEYS, chunk_losses, forward
 from ponderttt.train.compare import HeldOut
 from ponderttt.train.config import AdapterConfig, DataConfig
+from ponderttt.train.metrics import progress_bar
 
 # (λ, inner steps) of each action: SKIP runs no inner step (the outputs of the unchanged fast weights, the same as
 # λ = 0), UPDATE_k λ = 1 with k steps
@@ -127,11 +128,11 @@ def _scaled_pass(graphdef: Any, chunk_size: int) -> Any:
 
 
 def evaluate_held_out(model: Any, batches: list[dict[str, Any]], *, data: DataConfig, mesh: Any,
-                      language: str, skip_only: bool = False) -> HeldOut:
+                      language: str, skip_only: bool = False, progress: bool = False) -> HeldOut:
     """`HeldOut` over every sequence of `batches` (the per-action losses, signals and features).
 
     `skip_only`: run only the SKIP pass (signals and features, e.g. to calibrate thresholds); the update
-    columns of the loss table are then NaN."""
+    columns of the loss table are then NaN. `progress`: a bar over the batches."""
     graphdef, state = nnx.split(model)
     skip_pass = _skip_pass(graphdef, data.chunk_size)
     passes = [skip_pass] + ([] if skip_only else [_update_pass(graphdef, data.chunk_size, k)
@@ -140,7 +141,8 @@ def evaluate_held_out(model: Any, batches: list[dict[str, Any]], *, data: DataCo
     parts: dict[str, list[np.ndarray]] = {"tokens": [], "signal": [], "features": [], "documents": [], "entropy": [],
                                           "confidence": [], "ttt_improvement": []}
     with jax.set_mesh(mesh):
-        for index, raw in enumerate(batches):
+        label = "held-out SKIP pass" if skip_only else "held-out passes (every action)"
+        for index, raw in enumerate(progress_bar(batches, label, enabled=progress, unit="batch")):
             batch = {k: distributed.global_batch(np.asarray(raw[k]), mesh, data.batch_size) for k in BATCH_KEYS}
             for a, run in enumerate(passes):
                 result = distributed.to_host(run(state, batch))

@@ -10,6 +10,7 @@ final state and the metrics equal those of an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
@@ -18,7 +19,7 @@ import jax
 from ponderttt.train import distributed
 from ponderttt.train.checkpoint import Checkpointer
 from ponderttt.train.config import ConfigError, RunConfig
-from ponderttt.train.metrics import MetricsLogger, Progress, read_jsonl
+from ponderttt.train.metrics import MetricsLogger, Progress, read_jsonl, without_clock
 from ponderttt.train.rundir import RunDir
 
 State = dict[str, Any]
@@ -50,13 +51,18 @@ class LoopResult:
     """The step the loop started from (0, or the restored checkpoint's)."""
     final_step: int
     last_metrics: dict[str, float]
-    """The metrics of the last logged step (from metrics.jsonl when the stage was already complete)."""
+    """The metrics of the last logged step, without the clock's (from metrics.jsonl when the stage was already
+    complete)."""
 
 
 def train_loop(*, stage: str, run_dir: RunDir, run: RunConfig, state: State, step_fn: StepFn,
                batches: StatefulIterator, total_steps: int, tokens_per_step: int,
-               eval_fn: EvalFn | None = None, async_checkpoints: bool = True) -> LoopResult:
-    """Runs `stage` to `total_steps`, resuming from its latest checkpoint when `run.resume` is set."""
+               eval_fn: EvalFn | None = None, async_checkpoints: bool = True,
+               learning_rate: Callable[[int], float] | None = None) -> LoopResult:
+    """Runs `stage` to `total_steps`, resuming from its latest checkpoint when `run.resume` is set.
+
+    Every logged record also holds `step_time_s` (mean wall-clock seconds per step since the previous record, the
+    first after a start including compilation) and, given `learning_rate` (step -> the rate that step used), `lr`."""
     is_main = jax.process_index() == 0
     mesh = distributed.mesh_of(state)
     if mesh is not None:  # the step returns its state on the mesh: start from the same layout (one compilation)
@@ -79,19 +85,25 @@ def train_loop(*, stage: str, run_dir: RunDir, run: RunConfig, state: State, ste
     if start == total_steps and run_dir.metrics_file.is_file():
         done = read_jsonl(run_dir.metrics_file, stage)
         if done:
-            last = {k: v for k, v in done[-1].items() if k not in ("stage", "step", "time")}
+            last = without_clock({k: v for k, v in done[-1].items() if k not in ("stage", "step")})
     try:
+        since, since_step = time.perf_counter(), start
         for step in range(start + 1, total_steps + 1):
             state, metrics = step_fn(state, next(batches))
             at_end = step == total_steps
             record: dict[str, float] = {}
             if step % run.log_every == 0 or at_end:
                 record.update({name: float(value) for name, value in jax.device_get(dict(metrics)).items()})
+                now = time.perf_counter()  # device_get waited for the step: the interval holds its work
+                record["step_time_s"] = (now - since) / (step - since_step)
+                since, since_step = now, step
+                if learning_rate is not None:
+                    record["lr"] = learning_rate(step)
             if eval_fn is not None and (step % run.eval_every == 0 or at_end):
                 record.update({f"eval_{k}": float(v) for k, v in jax.device_get(dict(eval_fn(state))).items()})
             if record:
                 logger.log(step, record)
-                last = record
+                last = without_clock(record)
             progress.update(step, record)
             if step % run.checkpoint_every == 0 or at_end:
                 checkpointer.save(step, state, {"data": batches.get_state(), "step": step})

@@ -18,6 +18,14 @@ from typing import Any
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
+# fields of a metrics record that depend on the clock (a resumed run reproduces every other field bit-identically)
+CLOCK_KEYS = ("time", "step_time_s")
+
+
+def without_clock(record: Mapping[str, Any]) -> dict[str, Any]:
+    """`record` without its `CLOCK_KEYS`: what a resumed run must reproduce exactly."""
+    return {k: v for k, v in record.items() if k not in CLOCK_KEYS}
+
 
 def _to_float(value: Any) -> float:
     return float(value.item() if hasattr(value, "item") else value)
@@ -97,6 +105,13 @@ class MetricsLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def progress_bar(items: Any, description: str, *, enabled: bool, unit: str = "it") -> Any:
+    """`items` with a tqdm bar on stderr (count, rate, ETA) when `enabled`; the phases that are not training steps
+    (held-out passes, the records of a comparison) show their progress with it."""
+    return tqdm(items, desc=description, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True,
+                leave=False)
 
 
 class Progress:

@@ -236,10 +236,14 @@ class PPOLearner:
     use ``learner.jit_update``); ``learner.model(graphdef, state)`` rebuilds the gate."""
 
     cfg: PPOConfig = PPOConfig()
+    tx: optax.GradientTransformation | None = None
+    """The optimiser; None: global-norm clipping at ``cfg.max_grad_norm``, then Adam at ``cfg.learning_rate``."""
 
     @property
     def optimizer(self) -> optax.GradientTransformation:
-        """Global-norm clipping at ``cfg.max_grad_norm``, then Adam at ``cfg.learning_rate``."""
+        """``tx``, or global-norm clipping at ``cfg.max_grad_norm`` then Adam at ``cfg.learning_rate``."""
+        if self.tx is not None:
+            return self.tx
         return optax.chain(optax.clip_by_global_norm(self.cfg.max_grad_norm), optax.adam(self.cfg.learning_rate))
 
     def init(self, model: PPOGate) -> tuple[nnx.GraphDef, PPOTrainState]:
