@@ -133,6 +133,8 @@ def test_smoke_pipeline(tmp_path):
     assert json.loads((run / "config-analyze.json").read_text())["preset"] == "smoke"
     analyzed = json.loads((run / "signals.json").read_text())
     assert analyzed and analyzed == doc["signals"]
+    detail = [line for line in (run / "signals.md").read_text().splitlines() if line.startswith("| in-house")]
+    assert detail and all(line in (run / "report.md").read_text() for line in detail)  # r, CI and p as in report.md
     # the run describes itself: code version, package and library versions, devices, in config.json and results.json
     for record in (json.loads((run / "config.json").read_text())["provenance"], doc["run"]["provenance"]):
         assert len(record["git"]["commit"]) == 40 and isinstance(record["git"]["dirty"], bool)
