@@ -82,3 +82,14 @@ def test_a_malformed_run_config_is_named(tmp_path):
     (out / "r1" / "config.json").write_text("[]")
     proc = run_app("analyze", "--output-dir", str(out), "--name", "r1")
     assert proc.returncode == 2 and 'not a run config record (no "config" mapping)' in flat(proc.stderr)
+
+
+def test_an_output_directory_that_is_a_file_is_named_before_any_work(tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    proc = run_app("pretrain", "--preset", "smoke", "--output-dir", str(tmp_path / "taken"))
+    assert proc.returncode == 2
+    assert f"--output-dir={tmp_path / 'taken'} is a file, not a directory" in flat(proc.stderr)
+    proc = run_app("pretrain", "--preset", "smoke", "--output-dir", str(tmp_path / "taken" / "runs"))
+    assert proc.returncode == 2 and f"{tmp_path / 'taken'} is a file, so the directory cannot be created" in flat(
+        proc.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # nothing was written

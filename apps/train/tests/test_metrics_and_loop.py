@@ -122,3 +122,27 @@ def scalar_tags(folder):
             tags |= {value.tag for value in event.summary.value}
             i += 12 + length + 4
     return tags
+
+
+def test_a_non_finite_loss_stops_the_stage_without_saving_it(tmp_path):
+    from ponderttt.train.config import TrainingDiverged
+
+    def poisoned(state, batch):  # the loss turns NaN at step 7 (parameters too)
+        state, metrics = step_fn(state, batch)
+        bad = state["n"] >= 7
+        state = {**state, "w": jnp.where(bad, jnp.nan, state["w"])}
+        return state, {**metrics, "loss": jnp.where(bad, jnp.nan, metrics["loss"])}
+
+    with pytest.raises(TrainingDiverged, match=r"stage toy: loss nan at step 8; stopped without saving it \(last "
+                                               r"checkpoint: step 6\)"):
+        run(tmp_path, 10, step=poisoned)
+    assert [r["step"] for r in read_jsonl(tmp_path / "r" / "metrics.jsonl")] == [2, 4, 6, 8]
+    steps = sorted(int(p.name) for p in (tmp_path / "r" / "checkpoints" / "toy").iterdir() if p.name.isdigit())
+    assert steps == [3, 6]  # step 9's checkpoint (poisoned parameters) never written
+
+    def poisoned_state(state, batch):  # parameters NaN from step 8, the logged loss still finite
+        state, metrics = step_fn(state, batch)
+        return {**state, "w": jnp.where(state["n"] >= 8, jnp.inf, state["w"])}, metrics
+
+    with pytest.raises(TrainingDiverged, match="non-finite parameters or optimiser state at step 9"):
+        run(tmp_path / "second", 10, step=poisoned_state)

@@ -134,3 +134,22 @@ def test_bad_config_files_name_the_file_and_the_value(tmp_path, text, suffix, me
         parse("pipeline", "--config", str(path))
     with pytest.raises(ConfigError, match="no such file"):
         parse("--config", str(tmp_path / "missing.json"))
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--adapter.beta", "inf"], "--adapter.beta=inf must be finite"),
+    (["--adapter.base-lr", "inf"], "--adapter.base-lr=inf must be finite"),
+    (["--evaluate.timeout-s", "inf"], "--evaluate.timeout-s=inf must be finite"),
+    (["--evaluate.temperature", "inf"], "--evaluate.temperature=inf must be finite"),
+    (["--seed", "-1"], r"--seed=-1 must lie in \[0, 2\^32\)"),
+    (["--seed", str(2**32)], r"--seed=4294967296 must lie in \[0, 2\^32\)"),
+])
+def test_non_finite_and_out_of_range_values_are_refused_at_parse_time(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(*flags)
+
+
+def test_duplicate_budgets_are_refused(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse("--compare.budgets", "0.5", "0.5")
+    assert exit_.value.code == 2 and "--compare.budgets=0.5 0.5 names a budget twice" in capsys.readouterr().err

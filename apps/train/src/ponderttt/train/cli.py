@@ -14,10 +14,19 @@ import json
 import sys
 import textwrap
 
-from ponderttt.train.config import COMMANDS, DEFAULT_PRESET, PRESET_NAMES, ConfigError, preset, to_dict
+from ponderttt.train.config import (
+    COMMANDS,
+    DEFAULT_PRESET,
+    PRESET_NAMES,
+    ConfigError,
+    TrainingDiverged,
+    preset,
+    to_dict,
+)
 
 PROG = "uv run apps/train"
 EXIT_USAGE = 2
+EXIT_DIVERGED = 3  # a training stage's loss or parameters went non-finite (nothing poisoned was saved)
 
 SUMMARIES = {
     "pipeline": "the whole workflow on the embedded default: data, backbone, adapter, gates, compare, report",
@@ -179,6 +188,7 @@ def parse(argv: list[str]) -> tuple[str, str, object]:
     description = f"{COMMANDS[command].__doc__}\n\n{PRESET_HELP}\n\n{CONFIG_HELP}"
     config = tyro.cli(COMMANDS[command], default=default, args=rest, prog=f"{PROG} {command}",
                       description=description)
+    runconfig.check_values(config)
     if record is not None:
         runconfig.check_against_run(command, config, record, resume)
     return command, preset_name, config
@@ -192,7 +202,8 @@ def config_record(command: str, preset_name: str, config: object) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: answers --help / --version, else parses `argv` (default: sys.argv[1:]) and runs the command.
 
-    Returns the exit status: the command's, or 2 (`EXIT_USAGE`) after printing a ConfigError to stderr."""
+    Returns the exit status: the command's, 2 (`EXIT_USAGE`) after printing a ConfigError, or 3 (`EXIT_DIVERGED`) after
+    a training stage went non-finite (`TrainingDiverged`), each as one line on stderr."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("-h", "--help"):
         print(top_level_help())
@@ -213,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_DIVERGED
 
 
 if __name__ == "__main__":

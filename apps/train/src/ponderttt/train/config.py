@@ -23,6 +23,10 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names it and says what to do."""
 
 
+class TrainingDiverged(RuntimeError):
+    """A stage's loss or parameters went non-finite: the stage stops, and the poisoned state is not saved."""
+
+
 # Gating methods the pipeline knows, under the names results.json uses.
 FIXED_METHODS = ACTION_NAMES  # the fixed gates are the actions (ponderttt.eval.protocol)
 BASELINE_METHODS = ("random", "oracle")
@@ -364,6 +368,8 @@ class CompareConfig:
         _require(len(self.budgets) >= 1, "--compare.budgets needs at least one budget, e.g. 0.5")
         for budget in self.budgets:
             _check_budget("--compare.budgets", budget)
+        _require(len(set(self.budgets)) == len(self.budgets),
+                 f"--compare.budgets={' '.join(f'{b:g}' for b in self.budgets)} names a budget twice")
         _require(len(self.protocols) >= 1, "--compare.protocols needs reset, carry or both")
         _require(self.eval_sequences >= 1, f"--compare.eval-sequences={self.eval_sequences} must be positive")
 

@@ -10,6 +10,7 @@ final state and the metrics equal those of an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
@@ -18,13 +19,23 @@ import jax
 
 from ponderttt.train import distributed
 from ponderttt.train.checkpoint import Checkpointer
-from ponderttt.train.config import ConfigError, RunConfig
+from ponderttt.train.config import ConfigError, RunConfig, TrainingDiverged
 from ponderttt.train.metrics import MetricsLogger, Progress, read_jsonl, without_clock
 from ponderttt.train.rundir import RunDir
 
 State = dict[str, Any]
 StepFn = Callable[[State, Any], tuple[State, Mapping[str, Any]]]
 EvalFn = Callable[[State], Mapping[str, Any]]
+
+
+def _finite_state(state: State) -> bool:
+    """Every floating-point leaf of `state` is finite (one reduction per leaf, on the devices)."""
+    import jax.numpy as jnp
+
+    leaves = [leaf for leaf in jax.tree.leaves(state)
+              if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)]
+    return bool(jax.device_get(jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])))) \
+        if leaves else True
 
 
 class StatefulIterator(Protocol):
@@ -62,7 +73,11 @@ def train_loop(*, stage: str, run_dir: RunDir, run: RunConfig, state: State, ste
     """Runs `stage` to `total_steps`, resuming from its latest checkpoint when `run.resume` is set.
 
     Every logged record also holds `step_time_s` (mean wall-clock seconds per step since the previous record, the
-    first after a start including compilation) and, given `learning_rate` (step -> the rate that step used), `lr`."""
+    first after a start including compilation) and, given `learning_rate` (step -> the rate that step used), `lr`.
+
+    Non-finite values are never trained on silently: a logged `loss` that is not finite, or a state with a
+    non-finite floating-point leaf at a checkpoint step, raises `TrainingDiverged` naming the step and the last
+    checkpoint (which stays the newest: the poisoned state is not saved)."""
     is_main = jax.process_index() == 0
     mesh = distributed.mesh_of(state)
     if mesh is not None:  # the step returns its state on the mesh: start from the same layout (one compilation)
@@ -104,8 +119,18 @@ def train_loop(*, stage: str, run_dir: RunDir, run: RunConfig, state: State, ste
             if record:
                 logger.log(step, record)
                 last = without_clock(record)
+            saving = step % run.checkpoint_every == 0 or at_end
+            if ("loss" in record and not math.isfinite(record["loss"])) or (saving and not _finite_state(state)):
+                checkpointer.wait()
+                kept = checkpointer.latest_step()
+                what = f"loss {record['loss']}" if "loss" in record and not math.isfinite(record["loss"]) else \
+                    "non-finite parameters or optimiser state"
+                raise TrainingDiverged(
+                    f"stage {stage}: {what} at step {step}; stopped without saving it (last checkpoint: "
+                    f"{'none' if kept is None else f'step {kept}'}). Lower the stage's learning rate (or the inner "
+                    "--adapter.base-lr), then --resume or start again")
             progress.update(step, record)
-            if step % run.checkpoint_every == 0 or at_end:
+            if saving:
                 checkpointer.save(step, state, {"data": batches.get_state(), "step": step})
         checkpointer.wait()
     finally:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import types
 import typing
@@ -226,6 +227,34 @@ def inherited_fields(command: str, resume: bool) -> dict[str, tuple[str, ...] | 
         return {section: None for section in ALL_SECTIONS}
     out: dict[str, tuple[str, ...] | None] = {section: None for section in INHERITED_SECTIONS.get(command, ())}
     out["run"] = INHERITED_RUN_FIELDS
+    return out
+
+
+SEED_RANGE = 2**32  # seeds are unsigned 32-bit (numpy, jax.random)
+
+
+def check_values(config: Any) -> None:
+    """ConfigError naming the flag of the first float that is not finite (inf, nan: learning rates, β, λ_max,
+    timeouts, budgets, ...) or of a seed outside [0, 2^32), anywhere in a command config."""
+    record = to_dict(config)
+    for section, values in record.items():
+        if not isinstance(values, dict):
+            continue
+        for path, value in _leaves(values, []):
+            items = value if isinstance(value, list | tuple) else [value]
+            for item in items:
+                if isinstance(item, float) and not math.isfinite(item):
+                    shown = " ".join(str(v) for v in items) if isinstance(value, list | tuple) else str(value)
+                    raise ConfigError(f"{_flag(section, path)}={shown} must be finite")
+    seed = getattr(getattr(config, "run", None), "seed", 0)
+    if not 0 <= seed < SEED_RANGE:
+        raise ConfigError(f"--seed={seed} must lie in [0, 2^32)")
+
+
+def _leaves(values: dict[str, Any], path: list[str]) -> list[tuple[list[str], Any]]:
+    out = []
+    for key, value in values.items():
+        out += _leaves(value, [*path, key]) if isinstance(value, dict) else [([*path, key], value)]
     return out
 
 

@@ -19,6 +19,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import os
 import pathlib
 from typing import Any
 
@@ -156,6 +157,22 @@ def list_runs(output_dir: str | pathlib.Path) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if p.name != CACHE_DIR and (p / CONFIG_FILE).is_file())
+
+
+def require_writable_dir(path: str | pathlib.Path, flag: str = "--output-dir") -> pathlib.Path:
+    """`path` as a directory this process can create files in (it may not exist yet); a ConfigError naming the
+    flag when it is a file, lies under a file, or is not writable."""
+    folder = pathlib.Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{flag}={folder} is a file, not a directory; give a directory (it is created if missing)")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{flag}={folder}: {existing} is a file, so the directory cannot be created under it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag}={folder}: {existing} is not writable by this user; choose another directory")
+    return folder
 
 
 def require_backbone_dir(path: str | pathlib.Path, flag: str = "--backbone.path") -> pathlib.Path:

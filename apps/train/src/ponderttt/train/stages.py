@@ -28,7 +28,14 @@ from ponderttt.train.config import (
 from ponderttt.train.distributed import say
 from ponderttt.train.logs import attach_run_log
 from ponderttt.train.provenance import provenance
-from ponderttt.train.rundir import RunDir, config_hash, require_backbone_dir, resolve_run_dir, stamp
+from ponderttt.train.rundir import (
+    RunDir,
+    config_hash,
+    require_backbone_dir,
+    require_writable_dir,
+    resolve_run_dir,
+    stamp,
+)
 
 
 def _existing_run(config: Any, command: str, preset: str) -> RunDir:
@@ -41,6 +48,7 @@ def _existing_run(config: Any, command: str, preset: str) -> RunDir:
 
 def check_prerequisites(command: str, preset: str, config: Any) -> None:
     """Raises ConfigError naming the missing directory when `command` cannot start."""
+    require_writable_dir(config.run.output_dir)
     if config.run.resume:
         resolve_run_dir(config.run, command, preset)  # the run to resume must exist
     if command == "reproduce":
