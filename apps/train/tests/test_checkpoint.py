@@ -64,3 +64,33 @@ def test_keeps_the_newest_n_and_ignores_unfinished_steps(tmp_path):
         restored, meta = ckpt.restore(state)
     np.testing.assert_array_equal(restored["x"], np.arange(3.0) * 5)
     assert meta["step"] == 5
+
+
+def test_an_unreadable_newest_step_falls_back_to_the_previous_one(tmp_path, caplog):
+    import pytest
+
+    from ponderttt.train.config import ConfigError
+
+    template = {"w": jnp.zeros(1000), "b": jnp.zeros((50, 50))}
+    with Checkpointer(tmp_path / "ck", keep=3, async_save=False) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, {"w": jnp.arange(1000.0) * step, "b": jnp.full((50, 50), float(step))}, {"step": step})
+    files = [p for p in (tmp_path / "ck" / "2" / "state").rglob("*") if p.is_file()]
+    biggest = max(files, key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])  # a truncated committed step
+    with Checkpointer(tmp_path / "ck", keep=3, async_save=False) as ckpt:
+        with caplog.at_level("WARNING", logger="ponderttt.train"):
+            state, meta, step = ckpt.restore_newest_readable(template)
+        assert step == 1 and meta == {"step": 1} and float(state["b"][0, 0]) == 1.0
+        assert ckpt.all_steps() == [1] and (tmp_path / "ck" / "2.unreadable").is_dir()
+        assert "checkpoint step 2 in" in caplog.text and "is unreadable" in caplog.text
+        ckpt.save(2, {"w": jnp.zeros(1000), "b": jnp.zeros((50, 50))}, {"step": 2})  # the step can be written again
+        assert ckpt.all_steps() == [1, 2]
+    with Checkpointer(tmp_path / "one", keep=3, async_save=False) as ckpt:  # its only step truncated: no fallback
+        ckpt.save(1, {"w": jnp.arange(1000.0), "b": jnp.full((50, 50), 3.0)}, {"step": 1})
+    files = [p for p in (tmp_path / "one" / "1" / "state").rglob("*") if p.is_file()]
+    biggest = max(files, key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    with Checkpointer(tmp_path / "one", keep=3, async_save=False) as ckpt:
+        with pytest.raises(ConfigError, match=r"no readable checkpoint in .*one \(steps \[1\] could not be read\)"):
+            ckpt.restore_newest_readable(template)

@@ -20,6 +20,9 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from ponderttt.train.config import ConfigError
+from ponderttt.train.logs import LOG
+
 STATE = "state"
 META = "meta"
 
@@ -63,6 +66,31 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract),
                                                                           META: ocp.args.JsonRestore()}))
         return restored[STATE], restored[META]
+
+    def restore_newest_readable(self, template: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], int]:
+        """(state, meta, step) of the newest step that reads back; an unreadable newer step (truncated, corrupted) is
+        logged, renamed to `<step>.unreadable` (kept for inspection, ignored from then on) and the previous step is
+        tried. ConfigError naming the directory when no step reads."""
+        steps = sorted(self.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                state, meta = self.restore(template, step)
+            except Exception as error:  # Orbax / TensorStore raise bare Exceptions for bad files
+                first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+                LOG.warning("checkpoint step %d in %s is unreadable (%s); it is kept as %d.unreadable and the "
+                            "previous step is tried", step, self.directory, first, step)
+                self._set_aside(step)
+                continue
+            return state, meta, step
+        raise ConfigError(f"no readable checkpoint in {self.directory} (steps {steps} could not be read); remove the "
+                          "directory to start the stage again")
+
+    def _set_aside(self, step: int) -> None:
+        if jax.process_index() == 0:
+            folder = self.directory / str(step)
+            if folder.is_dir():
+                folder.rename(folder.with_name(f"{step}.unreadable"))
+        self._manager.reload()
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         """The JSON item of `step` (default: the latest) alone, without reading any array."""

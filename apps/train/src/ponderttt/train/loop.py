@@ -90,7 +90,7 @@ def train_loop(*, stage: str, run_dir: RunDir, run: RunConfig, state: State, ste
             checkpointer.close()
             raise ConfigError(f"{run_dir.checkpoints(stage)} already holds step {latest}: pass --resume to continue "
                               f"run {run_dir.name!r}, or choose another --name")
-        state, meta = checkpointer.restore(state, latest)
+        state, meta, _ = checkpointer.restore_newest_readable(state)
         batches.set_state(meta["data"])
         start = int(meta["step"])
     logger = MetricsLogger(run_dir.metrics_file, run_dir.tensorboard(stage), stage, start_step=start, enabled=is_main)
