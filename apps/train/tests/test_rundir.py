@@ -72,4 +72,19 @@ def test_checkpoint_and_backbone_checks(tmp_path):
         require_backbone_dir(folder)
     (folder / "config.json").write_text("{}")
     (folder / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"gpt2: no tokenizer.json in the backbone directory"):
+        require_backbone_dir(folder)
+    (folder / "tokenizer.json").write_text("{}")
     assert require_backbone_dir(folder) == folder
+    (folder / "config.json").write_text('{"model_type": "gpt2", "n_positions": 256}')
+    assert require_backbone_dir(folder, seq_len=256) == folder
+    with pytest.raises(ConfigError, match=r"--data.seq-len=512 exceeds the 256 positions of the GPT-2 backbone"):
+        require_backbone_dir(folder, seq_len=512)
+    (folder / "config.json").write_text('{"model_type": "gemma3_text", "max_position_embeddings": 256}')
+    assert require_backbone_dir(folder, seq_len=512) == folder  # RoPE: no hard limit
+    (folder / "config.json").write_text('{"n_positions": 2')
+    with pytest.raises(ConfigError, match=r"gpt2: config.json is not valid JSON \(Expecting"):
+        require_backbone_dir(folder)
+    (folder / "config.json").write_text("[]")
+    with pytest.raises(ConfigError, match="config.json holds a list, not a mapping"):
+        require_backbone_dir(folder)

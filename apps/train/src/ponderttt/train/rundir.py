@@ -175,8 +175,10 @@ def require_writable_dir(path: str | pathlib.Path, flag: str = "--output-dir") -
     return folder
 
 
-def require_backbone_dir(path: str | pathlib.Path, flag: str = "--backbone.path") -> pathlib.Path:
-    """An HF checkpoint directory (config.json + *.safetensors); a ConfigError naming the path otherwise."""
+def require_backbone_dir(path: str | pathlib.Path, flag: str = "--backbone.path", seq_len: int | None = None
+                         ) -> pathlib.Path:
+    """An HF checkpoint directory (a readable config.json, *.safetensors, tokenizer.json; a GPT-2 with at least
+    `seq_len` positions); a ConfigError naming the path and the problem otherwise."""
     folder = pathlib.Path(path)
     if not folder.is_dir():
         raise ConfigError(f"{flag}={folder}: missing backbone directory; give a directory with config.json and "
@@ -185,4 +187,18 @@ def require_backbone_dir(path: str | pathlib.Path, flag: str = "--backbone.path"
         raise ConfigError(f"{flag}={folder}: no config.json in the backbone directory")
     if not any(folder.glob("*.safetensors")):
         raise ConfigError(f"{flag}={folder}: no *.safetensors file in the backbone directory")
+    if not (folder / "tokenizer.json").is_file():
+        raise ConfigError(f"{flag}={folder}: no tokenizer.json in the backbone directory (the run tokenizes with the "
+                          "backbone's own fast tokenizer: save it with `tokenizer.save_pretrained(dir)`)")
+    try:
+        hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{flag}={folder}: config.json is not valid JSON ({error})") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{flag}={folder}: config.json holds a {type(hf).__name__}, not a mapping of settings")
+    if seq_len is not None and hf.get("model_type", "gpt2") == "gpt2":  # learned positions: a hard limit
+        positions = hf.get("n_positions", 1024)
+        if isinstance(positions, int) and seq_len > positions:
+            raise ConfigError(f"--data.seq-len={seq_len} exceeds the {positions} positions of the GPT-2 backbone "
+                              f"{folder} (n_positions in config.json); use --data.seq-len {positions} or less")
     return folder

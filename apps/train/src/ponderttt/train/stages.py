@@ -54,10 +54,11 @@ def check_prerequisites(command: str, preset: str, config: Any) -> None:
     if command == "reproduce":
         root = pathlib.Path(config.backbone_root)
         for scale in config.scales:
-            require_backbone_dir(root / SCALE_DIRS[scale], flag=f"--scales {scale} (under --backbone-root)")
+            require_backbone_dir(root / SCALE_DIRS[scale], flag=f"--scales {scale} (under --backbone-root)",
+                                 seq_len=config.data.seq_len)
         return
     if config.backbone.path is not None:  # every command but reproduce has a backbone section
-        require_backbone_dir(config.backbone.path)
+        require_backbone_dir(config.backbone.path, seq_len=config.data.seq_len)
     if command == "pretrain" and config.backbone.path is not None:
         raise ConfigError(f"--backbone.path={config.backbone.path}: `pretrain` trains the in-house GPT-2; an HF "
                           "backbone needs no pretraining (use `ttt` or `pipeline` with it)")
