@@ -26,7 +26,7 @@ from ponderttt.data import (
     train_bpe_on_source,
 )
 from ponderttt.train.config import ConfigError, DataConfig
-from ponderttt.train.distributed import process_rows
+from ponderttt.train.distributed import process_rows, say
 from ponderttt.train.rundir import CACHE_DIR
 
 HELD_OUT_SHARE = 8  # with --data.max-files N, each held-out split keeps max(4, N // 8) files
@@ -66,6 +66,9 @@ def source(data: DataConfig, split: str) -> Any:
         if not root.is_dir():
             raise ConfigError(f"--data.corpus={data.corpus}: not 'stdlib' and not a directory of source files")
         files = FileTreeSource(root, split=split, split_config=split_config(data))
+        if files.skipped:  # never opened: broken or looping symlinks, FIFOs, sockets, devices, unreadable files
+            counts = ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in sorted(files.skipped.items()))
+            say(f"corpus: {split} split of {root}: skipped {sum(files.skipped.values())} entries ({counts})")
     if len(files) == 0:
         raise ConfigError(f"--data.corpus={data.corpus}: the {split} split has no files; use a larger corpus or "
                           f"raise --data.{'val' if split == 'val' else 'test'}-fraction")

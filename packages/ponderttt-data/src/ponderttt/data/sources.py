@@ -10,9 +10,11 @@ than `read_limit + 1` bytes, so an over-size file costs no more than its first m
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import pathlib
+import stat
 import sysconfig
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -94,13 +96,29 @@ def _check_languages(languages: Iterable[str] | None) -> frozenset[str] | None:
     return chosen
 
 
+def unusable_file(path: str | os.PathLike) -> str | None:
+    """Why a listed path cannot be read as a source file (never opening it): "broken_symlink", "symlink_loop",
+    "not_regular_file" (a FIFO, socket, device or directory), "unreadable"; None for a readable regular file."""
+    try:
+        info = os.stat(path)  # follows symlinks
+    except FileNotFoundError:
+        return "broken_symlink" if os.path.islink(path) else "unreadable"
+    except OSError as error:
+        return "symlink_loop" if error.errno == errno.ELOOP else "unreadable"
+    if not stat.S_ISREG(info.st_mode):
+        return "not_regular_file"
+    return None if os.access(path, os.R_OK) else "unreadable"
+
+
 class FileTreeSource:
     """Source files under a directory tree (a Grain random-access data source of `RawFile`s).
 
     Files are those whose extension maps to a language (`LANGUAGE_BY_EXTENSION`), optionally restricted to
     `languages`, to one `split` (by a stable hash of the path relative to `root`), with directory names
     in `exclude_dirs` and hidden directories (".git", ...) pruned. Order is the sorted relative paths, so two
-    machines list the same files in the same order.
+    machines list the same files in the same order. Entries that are not readable regular files (broken or
+    looping symlinks, FIFOs, sockets, devices, unreadable files) are never opened: they are left out and counted
+    per reason in `skipped`; a file that fails to read later comes back without data (cleaning: "unavailable").
     """
 
     def __init__(
@@ -120,6 +138,7 @@ class FileTreeSource:
         chosen = _check_languages(languages)
         excluded = frozenset(exclude_dirs)
         entries: list[tuple[str, str]] = []
+        self.skipped: dict[str, int] = {}
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames[:] = [d for d in dirnames if d not in excluded and not d.startswith(".")]
             for name in filenames:
@@ -128,6 +147,10 @@ class FileTreeSource:
                     continue
                 rel = pathlib.Path(dirpath, name).relative_to(self.root).as_posix()
                 if split is None or split_of(rel, split_config) == split:
+                    reason = unusable_file(pathlib.Path(dirpath, name))
+                    if reason is not None:
+                        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+                        continue
                     entries.append((rel, language))
         entries.sort()
         self._entries = entries
@@ -144,9 +167,14 @@ class FileTreeSource:
     def __getitem__(self, index: int) -> RawFile:
         rel, language = self._entries[index]
         path = self.root / rel
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            data = handle.read(self.read_limit + 1)
+        try:
+            if unusable_file(path) is not None:  # changed since the listing (e.g. replaced by a FIFO): never open it
+                return RawFile(key=rel, language=language, size=0)
+            with open(path, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                data = handle.read(self.read_limit + 1)
+        except OSError:
+            return RawFile(key=rel, language=language, size=0)  # no data: cleaning counts it as "unavailable"
         return RawFile(key=rel, language=language, size=size, data=data)
 
     def __repr__(self) -> str:
@@ -212,7 +240,9 @@ class StackV2FileSource:
 
     A Grain random-access data source of `RawFile`s with `text` set. JSONL files are indexed by byte
     offset (rows are parsed again on access); Parquet files are memory-mapped. Rows are filtered to
-    `languages` and to one `split` by a stable hash of `repo_name/path`.
+    `languages` and to one `split` by a stable hash of `repo_name/path`. A bad row (not JSON, not UTF-8, not an
+    object) or a bad file (unreadable, a truncated Parquet file) is left out and counted in `skipped`
+    ("bad_row", "bad_file"); the rest of the source is kept.
     """
 
     _CONTENT_COLUMNS = ("content", "text")
@@ -231,10 +261,18 @@ class StackV2FileSource:
         chosen = frozenset(languages) if languages else None
         self._paths = [pathlib.Path(p) for p in paths]
         self._tables: dict[int, object] = {}
+        self.skipped: dict[str, int] = {}
         # Each entry: (file index, row locator (byte offset or row number), key, language, repo).
         entries: list[tuple[int, int, str, str, str]] = []
         for file_index, path in enumerate(self._paths):
-            for locator, row in self._scan(file_index, path):
+            try:
+                rows = list(self._scan(file_index, path))
+            except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+                if isinstance(error, ValueError) and "expected a .jsonl or .parquet" in str(error):
+                    raise
+                self.skipped["bad_file"] = self.skipped.get("bad_file", 0) + 1
+                continue
+            for locator, row in rows:
                 key, repo = _row_key(row)
                 language = _row_language(row, key)
                 if chosen is not None and language not in chosen:
@@ -258,9 +296,13 @@ class StackV2FileSource:
                 for line in handle:
                     if line.strip():
                         try:
-                            yield offset, json.loads(line)
-                        except json.JSONDecodeError as err:
-                            raise ValueError(f"{path}: invalid JSON at byte {offset}: {err}") from err
+                            row = json.loads(line)
+                        except ValueError:  # not JSON, or not UTF-8
+                            row = None
+                        if isinstance(row, dict):
+                            yield offset, row
+                        else:
+                            self.skipped["bad_row"] = self.skipped.get("bad_row", 0) + 1
                     offset += len(line)
         else:
             raise ValueError(f"{str(path)!r}: expected a .jsonl or .parquet file in The Stack v2 schema")
