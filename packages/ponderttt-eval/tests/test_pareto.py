@@ -84,3 +84,15 @@ def test_frontier_steps_are_wider_than_the_resolution(pts, resolution):
     assert l[front].min() == l.min()  # the best loss is always on the frontier
     if resolution == 0.0:
         assert front.tolist() == pareto_frontier(c, l).tolist()
+
+
+@settings(max_examples=60, deadline=None)
+@given(pts=st.lists(st.tuples(st.floats(0, 100), st.floats(0, 100), st.floats(0, 10)), min_size=1, max_size=25))
+def test_per_point_resolutions_keep_every_step_wider_than_its_ends(pts):
+    c, l, r = (np.array([p[k] for p in pts]) for k in range(3))
+    front = pareto_frontier(c, l, resolution=r)
+    assert front.size >= 1 and np.all(np.diff(l[front]) < 0) and l[front].min() == l.min()
+    for a, b in zip(front, front[1:], strict=False):
+        assert c[b] - c[a] > max(r[a], r[b])
+    wide = pareto_frontier(c, l, resolution=np.full(c.size, r.max()))
+    assert len(wide) <= len(front)  # one resolution for all at the largest spread merges at least as much

@@ -12,7 +12,6 @@ loss a budget drawn uniformly from the range buys. Lower is better; ``improvemen
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,20 +33,25 @@ def _points(costs, losses) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pareto_frontier(
-    costs: Sequence[float] | np.ndarray, losses: Sequence[float] | np.ndarray, *, resolution: float = 0.0
+    costs: Sequence[float] | np.ndarray,
+    losses: Sequence[float] | np.ndarray,
+    *,
+    resolution: float | Sequence[float] | np.ndarray = 0.0,
 ) -> np.ndarray:
     """Indices of the non-dominated points, by increasing cost (and strictly decreasing loss).
 
     A point is dominated when another costs no more and loses no more, and is better in one of them;
-    of several identical points only the first is kept. ``resolution``: costs that differ by at most this much
-    count as equal (a measured cost's spread), so a point is also dominated by a lower-loss point that costs at
-    most ``resolution`` more, and every step of the frontier is wider than ``resolution``.
+    of several identical points only the first is kept. ``resolution`` (one value, or one per point: a measured
+    cost's spread): two costs closer than the larger resolution of the two points count as equal, so a point is
+    also dominated by a lower-loss point that costs at most that much more, and every step of the frontier is wider
+    than the resolution of its two ends.
     """
     c, l = _points(costs, losses)
-    if not (math.isfinite(resolution) and resolution >= 0):
-        raise ValueError(f"resolution must be finite and >= 0, got {resolution}")
+    r = np.broadcast_to(np.asarray(resolution, dtype=np.float64), c.shape)
+    if not (np.all(np.isfinite(r)) and np.all(r >= 0)):
+        raise ValueError(f"resolution must be finite and >= 0, got {np.asarray(resolution).tolist()}")
     order = np.lexsort((np.arange(c.size), l, c))  # by cost, then loss, then index
-    if resolution == 0.0:
+    if not np.any(r):
         keep, best = [], np.inf
         for i in order:
             if l[i] < best:
@@ -57,7 +61,7 @@ def pareto_frontier(
     index = np.arange(c.size)
     keep = []
     for i in order:
-        near = c <= c[i] + resolution
+        near = c <= c[i] + np.maximum(r, r[i])
         better = (l < l[i]) | ((l == l[i]) & ((c < c[i]) | ((c == c[i]) & (index < i))))
         if not np.any(near & better):
             keep.append(int(i))

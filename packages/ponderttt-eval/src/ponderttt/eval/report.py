@@ -454,9 +454,10 @@ def pareto_summary(
     """Per protocol and cost unit: the frontier over all records, and each multi-budget method's AUC.
 
     The AUC range is shared by the methods compared: from the highest of their cheapest points to the
-    dearest point of any record, so every method's step frontier is defined over it. On the wall-clock axis the
-    frontier's resolution is the largest measured spread of any record (``cost.wall_clock_spread_s``): no
-    frontier step is narrower than what the timings can tell apart.
+    dearest point of any record, so every method's step frontier is defined over it. On the wall-clock axis each
+    point's measured spread (``cost.wall_clock_spread_s``) is its resolution: two costs closer than the larger
+    spread of the two count as equal, so no frontier step is narrower than what the timings can tell apart
+    (``resolution`` reports the largest spread; each frontier point carries its own ``spread``).
     """
     out: dict = {}
     for protocol in sorted({r["protocol"] for r in results}):
@@ -468,12 +469,13 @@ def pareto_summary(
                 continue  # a unit some records lack is left out rather than comparing a subset
             costs = [r["cost"][unit] for r in usable]
             losses = [r["loss"] for r in usable]
-            spreads = [r["cost"].get("wall_clock_spread_s") or 0.0 for r in usable] if unit == "wall_clock_s" else []
-            resolution = float(max(spreads, default=0.0))
+            spreads = [(r["cost"].get("wall_clock_spread_s") or 0.0) if unit == "wall_clock_s" else 0.0 for r in usable]
             frontier = [
-                {"method": usable[i]["method"], "budget": usable[i]["budget"], "cost": costs[i], "loss": losses[i]}
-                for i in pareto_frontier(costs, losses, resolution=resolution)
+                {"method": usable[i]["method"], "budget": usable[i]["budget"], "cost": costs[i], "loss": losses[i],
+                 "spread": spreads[i]}
+                for i in pareto_frontier(costs, losses, resolution=spreads)
             ]
+            resolution = float(max(spreads, default=0.0))
             methods = sorted({r["method"] for r in usable})
             multi = {m: [r for r in usable if r["method"] == m] for m in methods}
             multi = {m: rs for m, rs in multi.items() if len(rs) >= 2}
