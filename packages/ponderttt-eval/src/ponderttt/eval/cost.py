@@ -482,9 +482,17 @@ def chunk_costs(
     ``skip`` costs (the compute does not grow with λ; the gating package's interpolated training penalty
     is a different quantity).
     """
+    return _per_chunk(table.unit_costs(unit), actions, lambdas)
+
+
+def _per_chunk(
+    per_steps: Mapping[int, float],
+    actions: Sequence[str | int] | np.ndarray | None,
+    lambdas: Sequence[float] | np.ndarray | None,
+) -> np.ndarray:
+    """The value of each chunk's action (steps -> value) for discrete ``actions`` or continuous ``lambdas``."""
     if (actions is None) == (lambdas is None):
         raise ValueError("pass exactly one of actions= (discrete gates) or lambdas= (continuous gates)")
-    per_steps = table.unit_costs(unit)
     if actions is not None:
         steps = [action_steps(a) for a in np.asarray(actions).ravel().tolist()]
         missing = sorted({s for s in steps if s not in per_steps})
@@ -511,15 +519,10 @@ def chunk_wall_clock(
     missing = sorted(set(overheads) - set(table.overheads))
     if missing:
         raise ValueError(f"overheads {missing} are not measured in the cost table (has {sorted(table.overheads)})")
-    cost = chunk_costs(table, actions=actions, lambdas=lambdas, unit="wall_clock_s")
-    steps = np.asarray(
-        [action_steps(a) for a in np.asarray(actions).ravel().tolist()]
-        if actions is not None
-        else (np.asarray(lambdas, dtype=np.float64).ravel() > 0).astype(int)
-    ).reshape(cost.shape)
-    spread_of = {cost.steps: cost.wall_clock_spread_s or 0.0 for cost in table.actions.values()}
-    spread = np.asarray([spread_of[s] for s in steps.ravel().tolist()], dtype=np.float64).reshape(cost.shape)
+    wall = chunk_costs(table, actions=actions, lambdas=lambdas, unit="wall_clock_s")
+    spreads = {a.steps: a.wall_clock_spread_s or 0.0 for a in table.actions.values()}
+    spread = _per_chunk(spreads, actions, lambdas)
     for name in overheads:  # an overhead timed below the noise (a negative paired difference) adds nothing
-        cost = cost + max(table.overheads[name].median_s, 0.0)
+        wall = wall + max(table.overheads[name].median_s, 0.0)
         spread = spread + table.overheads[name].spread_s
-    return cost, spread
+    return wall, spread
