@@ -16,7 +16,7 @@ from typing import Any
 import jax
 
 from ponderttt.eval import render_signals_markdown, signal_table, verdict, write_report
-from ponderttt.train import carry, compare, corpus, heldout, timing
+from ponderttt.train import carry, compare, corpus, distributed, heldout, timing
 from ponderttt.train.backbone import EVAL_BATCHES
 from ponderttt.train.compare import HeldOut
 from ponderttt.train.config import ConfigError
@@ -31,7 +31,7 @@ def run_compare(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, c
     writes results.json, report.md and plots into the run directory (process 0)."""
     data, cmp = config.data, config.compare
     language = corpus.language(data)
-    shown = config.run.progress and jax.process_index() == 0  # progress bars on process 0's stderr
+    shown = distributed.shows_progress(config.run)
     n_batches = -(-cmp.eval_sequences // data.batch_size)
     test_batches = corpus.fixed_batches(data, tok, "test", n_batches)
     say(f"compare: held-out passes over {len(test_batches)} test batches ({data.batch_size} sequences each)")
@@ -94,7 +94,7 @@ def run_analyze(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any) -
     n_batches = -(-config.analyze.eval_sequences // data.batch_size)
     held = heldout.evaluate_held_out(model, corpus.fixed_batches(data, tok, "test", n_batches), data=data,
                                      mesh=mesh, language=corpus.language(data),
-                                     progress=config.run.progress and jax.process_index() == 0)
+                                     progress=distributed.shows_progress(config.run))
     held = dataclasses.replace(held, signals={k: v for k, v in held.signals.items() if k in config.analyze.signals})
     if not held.signals:
         raise ConfigError(f"--analyze.signals={' '.join(config.analyze.signals)}: none of them is computed; "

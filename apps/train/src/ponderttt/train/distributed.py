@@ -105,6 +105,11 @@ def to_host(tree: Any) -> Any:
     return jax.tree.map(fetch, tree)
 
 
+def shows_progress(run: Any) -> bool:
+    """Whether this process draws progress bars: `--progress` is on and it is process 0 (one set of bars per run)."""
+    return bool(run.progress) and jax.process_index() == 0
+
+
 def say(message: str) -> None:
     """Logs `message` once per run, on process 0: with a timestamp, to stdout and the run's run.log (`logs`)."""
     if jax.process_index() == 0:

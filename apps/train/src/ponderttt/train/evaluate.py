@@ -52,7 +52,7 @@ from ponderttt.models.generate import GenerationConfig, generate
 from ponderttt.train import corpus, heldout
 from ponderttt.train.backbone import EVAL_BATCHES
 from ponderttt.train.config import ConfigError, EvaluateConfig, to_dict
-from ponderttt.train.distributed import say
+from ponderttt.train.distributed import say, shows_progress
 from ponderttt.train.provenance import provenance
 from ponderttt.train.rundir import RunDir
 
@@ -305,7 +305,7 @@ def run_evaluate(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, 
     chunk_size = config.data.chunk_size
     if "recon" in ev.gates and ev.budget < 1.0 and calibration is None:
         calibration = calibration_signal(config, tok, model, mesh)
-    progress = config.run.progress and jax.process_index() == 0
+    progress = shows_progress(config.run)
     records, samples = [], []
     for task in loaded:  # the model's parameters carry their shardings; `generate` needs no mesh context
         passed: dict[str, np.ndarray] = {}

@@ -32,10 +32,9 @@ def _finite_state(state: State) -> bool:
     """Every floating-point leaf of `state` is finite (one reduction per leaf, on the devices)."""
     import jax.numpy as jnp
 
-    leaves = [leaf for leaf in jax.tree.leaves(state)
+    checks = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(state)
               if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)]
-    return bool(jax.device_get(jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])))) \
-        if leaves else True
+    return all(jax.device_get(checks))
 
 
 class StatefulIterator(Protocol):
@@ -95,7 +94,7 @@ def train_loop(*, stage: str, run_dir: RunDir, run: RunConfig, state: State, ste
         start = int(meta["step"])
     logger = MetricsLogger(run_dir.metrics_file, run_dir.tensorboard(stage), stage, start_step=start, enabled=is_main)
     progress = Progress(stage, total_steps=total_steps, tokens_per_step=tokens_per_step, start_step=start,
-                        enabled=is_main and run.progress)
+                        enabled=distributed.shows_progress(run))
     last: dict[str, float] = {}
     if start == total_steps and run_dir.metrics_file.is_file():
         done = read_jsonl(run_dir.metrics_file, stage)
@@ -120,11 +119,11 @@ def train_loop(*, stage: str, run_dir: RunDir, run: RunConfig, state: State, ste
                 logger.log(step, record)
                 last = without_clock(record)
             saving = step % run.checkpoint_every == 0 or at_end
-            if ("loss" in record and not math.isfinite(record["loss"])) or (saving and not _finite_state(state)):
+            bad_loss = "loss" in record and not math.isfinite(record["loss"])
+            if bad_loss or (saving and not _finite_state(state)):
                 checkpointer.wait()
                 kept = checkpointer.latest_step()
-                what = f"loss {record['loss']}" if "loss" in record and not math.isfinite(record["loss"]) else \
-                    "non-finite parameters or optimiser state"
+                what = f"loss {record['loss']}" if bad_loss else "non-finite parameters or optimiser state"
                 raise TrainingDiverged(
                     f"stage {stage}: {what} at step {step}; stopped without saving it (last checkpoint: "
                     f"{'none' if kept is None else f'step {kept}'}). Lower the stage's learning rate (or the inner "
