@@ -41,7 +41,6 @@ class Timings:
 
     actions: dict[str, list[float]]
     overheads: dict[str, list[float]]
-    repeats: int
 
 
 @functools.lru_cache(maxsize=32)
@@ -119,4 +118,4 @@ def measure_wall_clock(model: Any, raw_batch: dict[str, Any], *, data: DataConfi
     per_chunk = {name: [s / chunks for s in values] for name, values in seconds.items()}
     probe = [a - b for a, b in zip(per_chunk.pop("skip+recon_probe"), per_chunk["skip"], strict=True)]
     return Timings(actions={name: per_chunk[name] for name in ACTION_NAMES},
-                   overheads={"recon_probe": probe, "gate_features": per_chunk["gate_features"]}, repeats=repeats)
+                   overheads={"recon_probe": probe, "gate_features": per_chunk["gate_features"]})
