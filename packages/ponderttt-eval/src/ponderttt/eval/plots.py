@@ -75,9 +75,11 @@ def pareto_figure(doc: Mapping) -> Figure:
     axes = np.atleast_2d(fig.subplots(len(protocols), len(units), squeeze=False))
     for i, protocol in enumerate(protocols):
         recs = [r for r in results if r["protocol"] == protocol]
-        skips = [r.get("loss_skip") for r in recs]
-        relative = all(v is not None for v in skips)
-        shift = {id(r): (r["loss_skip"] if relative else 0.0) for r in recs}
+        relative = all(r.get("loss_skip") is not None for r in recs)
+
+        def y_of(r: Mapping, relative: bool = relative) -> float:  # the loss less SKIP's on the same chunks, or as is
+            return r["loss"] - r["loss_skip"] if relative else r["loss"]
+
         ylabel = "Δ loss vs SKIP (nats / token)" if relative else "loss (nats / token)"
         for j, unit in enumerate(units):
             ax = axes[i, j]
@@ -91,15 +93,14 @@ def pareto_figure(doc: Mapping) -> Figure:
                 if not own:
                     continue
                 xs = np.asarray([scale * r["cost"][unit] for r in own])
-                ys = np.asarray([r["loss"] - shift[id(r)] for r in own])
+                ys = np.asarray([y_of(r) for r in own])
                 # on the difference axis the paired CI of the difference (same chunks), else the loss's own CI
                 ci = [r.get("delta_skip_ci") if relative else r.get("loss_ci") for r in own]
                 yerr = None
                 if all(c is not None for c in ci):
-                    base = [(r["delta_skip"] if relative else r["loss"]) for r in own]
-                    low = ys - np.asarray([b - c[0] for b, c in zip(base, ci, strict=True)])
-                    high = ys + np.asarray([c[1] - b for b, c in zip(base, ci, strict=True)])
-                    yerr = np.vstack([np.maximum(ys - low, 0.0), np.maximum(high - ys, 0.0)])
+                    centre = [r["delta_skip"] if relative else r["loss"] for r in own]
+                    yerr = np.maximum([[m - c[0] for m, c in zip(centre, ci, strict=True)],
+                                       [c[1] - m for m, c in zip(centre, ci, strict=True)]], 0.0)
                 xerr = None
                 if unit == "wall_clock_s" and all(r["cost"].get("wall_clock_spread_s") is not None for r in own):
                     xerr = np.asarray([scale * r["cost"]["wall_clock_spread_s"] / 2 for r in own])
@@ -110,7 +111,7 @@ def pareto_figure(doc: Mapping) -> Figure:
             front = entry["frontier"]
             by_key = {(r["method"], r["budget"]): r for r in recs}
             fx = [scale * p["cost"] for p in front]
-            fy = [p["loss"] - shift[id(by_key[(p["method"], p["budget"])])] for p in front]
+            fy = [y_of(by_key[(p["method"], p["budget"])]) for p in front]
             xmax = scale * max(r["cost"][unit] for r in recs)
             ax.step(fx + [xmax], fy + [fy[-1]], where="post", color="0.35", linestyle="--", linewidth=1.0,
                     label="Pareto frontier", zorder=0)
