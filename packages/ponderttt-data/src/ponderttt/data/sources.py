@@ -235,6 +235,18 @@ def _row_language(row: dict, key: str) -> str:
     return str(language)
 
 
+class _BadFile(Exception):
+    """A Stack-v2 file that cannot be read at all (unreadable, a truncated Parquet file)."""
+
+
+def _stack_format(path: pathlib.Path) -> str | None:
+    """"parquet" or "jsonl" (also .json) by the file's suffix, None for anything else."""
+    if path.suffix.lower() == ".parquet":
+        return "parquet"
+    suffixes = "".join(path.suffixes[-2:]).lower()
+    return "jsonl" if suffixes.endswith(".jsonl") or suffixes.endswith(".json") else None
+
+
 class StackV2FileSource:
     """Rows of JSONL or Parquet files in The Stack v2 schema (`content`, `language`, `path`, `repo_name`, ...).
 
@@ -264,33 +276,42 @@ class StackV2FileSource:
         self.skipped: dict[str, int] = {}
         # Each entry: (file index, row locator (byte offset or row number), key, language, repo).
         entries: list[tuple[int, int, str, str, str]] = []
+        for path in self._paths:
+            if _stack_format(path) is None:
+                raise ValueError(f"{str(path)!r}: expected a .jsonl or .parquet file in The Stack v2 schema")
         for file_index, path in enumerate(self._paths):
+            found = []  # this file's rows, kept only when the whole file reads
             try:
-                rows = list(self._scan(file_index, path))
-            except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
-                if isinstance(error, ValueError) and "expected a .jsonl or .parquet" in str(error):
-                    raise
+                for locator, row in self._scan(file_index, path):
+                    key, repo = _row_key(row)
+                    language = _row_language(row, key)
+                    if chosen is not None and language not in chosen:
+                        continue
+                    if split is None or split_of(key, split_config) == split:
+                        found.append((file_index, locator, key, language, repo))
+            except _BadFile:
+                self._tables.pop(file_index, None)
                 self.skipped["bad_file"] = self.skipped.get("bad_file", 0) + 1
                 continue
-            for locator, row in rows:
-                key, repo = _row_key(row)
-                language = _row_language(row, key)
-                if chosen is not None and language not in chosen:
-                    continue
-                if split is None or split_of(key, split_config) == split:
-                    entries.append((file_index, locator, key, language, repo))
+            entries.extend(found)
         self._entries = entries
 
     def _scan(self, file_index: int, path: pathlib.Path) -> Iterable[tuple[int, dict]]:
-        suffixes = "".join(path.suffixes[-2:]).lower()
-        if path.suffix.lower() == ".parquet":
+        """(locator, row) of every good row of `path` (bad rows counted in `skipped`); `_BadFile` when the file
+        itself cannot be read."""
+        if _stack_format(path) == "parquet":
+            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            table = pq.read_table(path, memory_map=True)
+            try:
+                table = pq.read_table(path, memory_map=True)
+            except (OSError, pa.ArrowException) as error:
+                raise _BadFile(path) from error
             self._tables[file_index] = table
             meta_columns = [c for c in table.column_names if c not in self._CONTENT_COLUMNS]
             yield from enumerate(table.select(meta_columns).to_pylist())
-        elif suffixes.endswith(".jsonl") or suffixes.endswith(".json"):
+            return
+        try:
             with open(path, "rb") as handle:
                 offset = 0
                 for line in handle:
@@ -304,8 +325,8 @@ class StackV2FileSource:
                         else:
                             self.skipped["bad_row"] = self.skipped.get("bad_row", 0) + 1
                     offset += len(line)
-        else:
-            raise ValueError(f"{str(path)!r}: expected a .jsonl or .parquet file in The Stack v2 schema")
+        except OSError as error:
+            raise _BadFile(path) from error
 
     def _content(self, row: dict, key: str) -> str:
         for column in self._CONTENT_COLUMNS:
