@@ -168,9 +168,17 @@ def parse(argv: list[str]) -> tuple[str, str, object]:
     file = runconfig.load_config_file(config_path) if config_path is not None else None
     if file is not None and file.preset is not None and not preset_given:
         preset_name = file.preset
-    default = preset(command, preset_name)
-    if file is not None:
-        default = runconfig.with_sections(default, file.sections, where=f"--config {file.path}")
+
+    def layered(preset_name: str, record: runconfig.RunRecord | None = None) -> object:
+        """The defaults the flags start from: the preset, the run's recorded sections, the --config file."""
+        default = preset(command, preset_name)
+        if record is not None:
+            default = runconfig.with_sections(default, record.sections, where=str(record.files[0]))
+        if file is not None:
+            default = runconfig.with_sections(default, file.sections, where=f"--config {file.path}")
+        return default
+
+    default = layered(preset_name)
     resume = False
     record = None
     if command != "reproduce":
@@ -182,9 +190,7 @@ def parse(argv: list[str]) -> tuple[str, str, object]:
             raise ConfigError(f"--preset {preset_name} contradicts run {record.run_dir.name!r}, made with --preset "
                               f"{record.preset} ({record.files[0]}); drop --preset to use the run's")
         preset_name = record.preset
-        default = runconfig.with_sections(preset(command, preset_name), record.sections, where=str(record.files[0]))
-        if file is not None:
-            default = runconfig.with_sections(default, file.sections, where=f"--config {file.path}")
+        default = layered(preset_name, record)
     description = f"{COMMANDS[command].__doc__}\n\n{PRESET_HELP}\n\n{CONFIG_HELP}"
     config = tyro.cli(COMMANDS[command], default=default, args=rest, prog=f"{PROG} {command}",
                       description=description)
