@@ -25,7 +25,7 @@ def main() -> None:
     started = time.perf_counter()
     isolation = execution.sandbox_isolation()
     print(json.dumps({"bench": "sandbox_probe", "isolation": isolation, "seconds": time.perf_counter() - started}))
-    modes = ["namespace", "process"] if isolation == "namespace" else ["process"]
+    modes = execution.ISOLATIONS[execution.ISOLATIONS.index(isolation) :]  # this machine's modes, strongest first
     for mode in modes:
         walls = [execution.run_program("print(1)", isolation=mode).wall_s for _ in range(args.repeats)]
         print(

@@ -115,6 +115,21 @@ def test_code_benchmarks_need_consent(monkeypatch):
         require_code_consent(["humaneval", "gsm8k"])
 
 
+def test_code_benchmarks_refuse_a_sandbox_this_machine_cannot_give(monkeypatch):
+    from ponderttt.eval import execution
+    from ponderttt.train.config import EvaluateConfig
+    from ponderttt.train.evaluate import require_code_consent
+
+    monkeypatch.setenv("PONDER_TTT_ALLOW_UNSAFE_BENCHMARKS", "1")
+    monkeypatch.setattr(execution, "_missing_for_full", lambda: "no usable cgroups: none mounted")
+    monkeypatch.setattr(execution, "_missing_for_namespace", lambda: "")
+    with pytest.raises(ConfigError, match=r"^--evaluate.isolation=full: .*humaneval .*\(no usable cgroups: none "
+                                          r"mounted\); pass --evaluate.isolation namespace or process"):
+        require_code_consent(["humaneval", "gsm8k"], EvaluateConfig().isolation)
+    require_code_consent(["humaneval"], "namespace")  # a weaker mode named explicitly runs
+    require_code_consent(["gsm8k"])  # answer-graded: nothing runs, nothing to refuse
+
+
 # ------------------------------------------------------------------------------------------------- scoring
 
 
@@ -122,12 +137,14 @@ def test_scoring_canonical_solutions_pass_and_wrong_ones_fail(bench_dir, monkeyp
     from ponderttt.train.evaluate import load_task, score
 
     monkeypatch.setenv("PONDER_TTT_ALLOW_UNSAFE_BENCHMARKS", "1")
+    from ponderttt.eval.execution import sandbox_isolation
+
     task = load_task("humaneval", bench_dir)
     canonical = {r["task_id"]: r["canonical_solution"] for r in HUMANEVAL}
-    assert score(task, canonical).pass_at_k[1] == 1.0
+    assert score(task, canonical, isolation=sandbox_isolation()).pass_at_k[1] == 1.0
     # text after a stop string ("\ndef") is cut before grading; a wrong body fails
     mixed = dict(canonical, **{"toy/0": "    return a + b\ndef broken(:\n", "toy/1": "    return x\n"})
-    result = score(task, mixed)
+    result = score(task, mixed, isolation=sandbox_isolation())
     assert [p.num_correct for p in result.problems] == [1, 0, 1]
     assert result.pass_at_k[1] == pytest.approx(2 / 3)
 

@@ -10,7 +10,9 @@ from ponderttt.eval.benchmarks import (
     load_humaneval,
     load_mbpp,
 )
-from ponderttt.eval.execution import ALLOW_ENV_VAR
+from ponderttt.eval.execution import ALLOW_ENV_VAR, sandbox_isolation
+
+SANDBOX = {"isolation": sandbox_isolation()}  # the strongest this machine has ("full" where it can)
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +52,7 @@ def test_humaneval_end_to_end(tmp_path):
         "HumanEval/0": ["    return a + b\n\ndef extra():\n    raise SystemExit(1)\n", "    return a - b\n"],
         "HumanEval/1": ["    while True:\n        pass\n", "    return x * 2\nprint('bye')\n", "    return x +\n"],
     }
-    result = evaluate_code("humaneval", problems, generations, ks=(1, 2), timeout_s=1.0)
+    result = evaluate_code("humaneval", problems, generations, ks=(1, 2), timeout_s=1.0, **SANDBOX)
     first, second = result.problems
     assert [s.status for s in first.samples] == ["passed", "failed"]
     assert [s.status for s in second.samples] == ["timeout", "passed", "error"]
@@ -59,7 +61,7 @@ def test_humaneval_end_to_end(tmp_path):
     assert second.pass_at_k[1] == pytest.approx(1 / 3) and second.pass_at_k[2] == pytest.approx(2 / 3)
     assert result.pass_at_k[1] == pytest.approx((0.5 + 1 / 3) / 2)
     canonical = {p.task_id: [p.canonical_solution] for p in problems}
-    assert evaluate_code("humaneval", problems, canonical).pass_at_k == {1: 1.0}
+    assert evaluate_code("humaneval", problems, canonical, **SANDBOX).pass_at_k == {1: 1.0}
 
 
 MBPP_FULL = [
@@ -102,11 +104,12 @@ def test_mbpp_prompt_extraction_and_grading(tmp_path):
             "def square(n):\n    return abs(n) + 5\n",
         ]
     }
-    result = evaluate_code("mbpp", [target], generations, timeout_s=2.0)
+    result = evaluate_code("mbpp", [target], generations, timeout_s=2.0, **SANDBOX)
     assert [s.passed for s in result.problems[0].samples] == [True, True, False]
     # The example call and the wrong assert were stripped from the fenced answer.
     assert result.problems[0].samples[1].extracted == "def square(n):\n    return n ** 2\n"
-    assert "assert square(0) == 0" in target.program("x", challenge=True)
+    assert "assert square(0) == 0" in target.harness(challenge=True).tests
+    assert "assert square(0) == 0" not in target.harness().tests and "assert" not in target.program("x")
 
 
 def test_mbpp_sanitized_schema(tmp_path):
@@ -177,7 +180,7 @@ def test_classeval_class_and_method_level(tmp_path):
             "I cannot do that.",
         ]
     }
-    result = evaluate_code("classeval", [problem], generations, timeout_s=2.0)
+    result = evaluate_code("classeval", [problem], generations, timeout_s=2.0, **SANDBOX)
     samples = result.problems[0].samples
     assert [s.passed for s in samples] == [True, False, False]
     assert dict(samples[0].details) == {"CounterTestIncrement": True, "CounterTestReset": True}

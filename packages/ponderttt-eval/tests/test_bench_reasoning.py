@@ -21,7 +21,7 @@ from ponderttt.eval.benchmarks import (
     load_math500,
 )
 from ponderttt.eval.benchmarks.reasoning import _decode_tests
-from ponderttt.eval.execution import ALLOW_ENV_VAR
+from ponderttt.eval.execution import ALLOW_ENV_VAR, sandbox_isolation
 
 
 def _write_jsonl(path, rows):
@@ -210,7 +210,9 @@ def test_livecodebench_end_to_end(tmp_path, monkeypatch):
         ],
         "1": [LCB_TWO_SUM, LCB_TWO_SUM.replace("(seen[target - x], i)", "[i, seen[target - x]]")],
     }
-    result = evaluate_livecodebench([stdin_problem, functional], generations, ks=(1, 2), timeout_s=1.0)
+    result = evaluate_livecodebench(
+        [stdin_problem, functional], generations, ks=(1, 2), timeout_s=1.0, isolation=sandbox_isolation()
+    )
     first, second = result.problems
     assert [s.passed for s in first.samples] == [True, False, False, False, False]
     assert [s.status for s in first.samples] == ["passed", "failed", "failed", "error", "timeout"]

@@ -10,11 +10,19 @@ import uuid
 import pytest
 
 from ponderttt.eval import execution
-from ponderttt.eval.execution import ALLOW_ENV_VAR, UnsafeExecutionRefused, run_program, run_programs
+from ponderttt.eval.execution import (
+    ALLOW_ENV_VAR,
+    SandboxUnavailable,
+    UnsafeExecutionRefused,
+    run_program,
+    run_programs,
+)
 
-HAS_NAMESPACES = execution.sandbox_isolation() == "namespace"
-needs_namespaces = pytest.mark.skipif(not HAS_NAMESPACES, reason="unshare-based isolation is not available here")
-MODES = [pytest.param("namespace", marks=needs_namespaces), "process"]
+BEST = execution.sandbox_isolation()  # the strongest mode here; tests of no particular mode use it
+needs_full = pytest.mark.skipif(BEST != "full", reason=f"isolation 'full' is not available here: {BEST!r} is")
+needs_namespaces = pytest.mark.skipif(BEST == "process", reason="unshare-based isolation is not available here")
+MODES = [pytest.param("full", marks=needs_full), pytest.param("namespace", marks=needs_namespaces), "process"]
+NAMESPACED = [pytest.param("full", marks=needs_full), pytest.param("namespace", marks=needs_namespaces)]
 
 
 @pytest.fixture(autouse=True)
@@ -86,8 +94,11 @@ def test_infinite_loop_times_out(mode):
     r = run_program("import os\nprint(os.getcwd(), flush=True)\nwhile True:\n    pass", timeout_s=1.0, isolation=mode)
     assert (r.status, r.returncode) == ("timeout", None)
     assert r.wall_s >= 1.0
-    assert r.stdout.startswith(os.path.join(tempfile.gettempdir(), "ponderttt-sandbox-"))
-    assert not os.path.exists(r.stdout.strip())  # its private directory is gone even after a kill
+    if mode == "full":
+        assert r.stdout == "/tmp\n"  # its own tmpfs, gone with its mount namespace
+    else:
+        assert r.stdout.startswith(os.path.join(tempfile.gettempdir(), "ponderttt-sandbox-"))
+        assert not os.path.exists(r.stdout.strip())  # its private directory is gone even after a kill
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -154,8 +165,11 @@ def test_private_directory_is_used_and_removed(mode):
     )
     hello, cwd, tmp, home = r.stdout.split()
     assert hello == "hello" and cwd == tmp == home != os.getcwd()
-    assert os.path.basename(cwd).startswith("ponderttt-sandbox-")
-    assert not os.path.exists(cwd)
+    if mode == "full":
+        assert cwd == "/tmp"
+    else:
+        assert os.path.basename(cwd).startswith("ponderttt-sandbox-")
+        assert not os.path.exists(cwd)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -188,17 +202,17 @@ def test_read_only_filesystem_stops_libc_deletion(tmp_path):
     assert victim.read_text() == "keep me" and not (tmp_path / "planted").exists()
 
 
-@needs_namespaces
-def test_no_capabilities_left():
+@pytest.mark.parametrize("mode", NAMESPACED)
+def test_no_capabilities_left(mode):
     r = run_program(
         "print([l.split()[1] for l in open('/proc/self/status') if l.startswith(('CapEff', 'CapBnd'))])",
-        isolation="namespace",
+        isolation=mode,
     )
     assert r.stdout == "['0000000000000000', '0000000000000000']\n"
 
 
-@needs_namespaces
-def test_killing_its_parent_and_everyone_harms_nobody():
+@pytest.mark.parametrize("mode", NAMESPACED)
+def test_killing_its_parent_and_everyone_harms_nobody(mode):
     marker = f"ponderttt-bystander-{uuid.uuid4().hex}"
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", marker])
     try:
@@ -207,7 +221,7 @@ def test_killing_its_parent_and_everyone_harms_nobody():
             f"print(os.getppid(), libc.kill({os.getpid()}, 9), libc.kill({bystander.pid}, 9), flush=True)\n"
             "libc.kill(-1, 9)\nlibc.kill(os.getppid(), 9)\nprint('still here')",
             timeout_s=2.0,
-            isolation="namespace",
+            isolation=mode,
         )
         # Its parent is outside its PID namespace (ppid 0) and no outside pid names anything it can reach:
         # kill(-1) reaches only its own namespace, kill(ppid=0) only its own process group (unshare and itself).
@@ -230,7 +244,7 @@ def test_callers_secrets_are_not_visible(mode, monkeypatch):
     secret = f"s3cr3t-{uuid.uuid4().hex}"
     monkeypatch.setenv("PONDERTTT_TEST_SECRET", secret)
     program = "import os\nprint(sorted(os.environ))\nprint(os.environ.get('PONDERTTT_TEST_SECRET'))\n"
-    if mode == "namespace":
+    if mode != "process":
         program += f"try:\n    print(open('/proc/{os.getpid()}/environ').read())\nexcept OSError as e:\n    print(e)\n"
     r = run_program(program, isolation=mode)
     assert r.status == "passed"
@@ -239,13 +253,11 @@ def test_callers_secrets_are_not_visible(mode, monkeypatch):
     assert os.environ["PONDERTTT_TEST_SECRET"] == secret
 
 
-@needs_namespaces
-def test_no_network():
+@pytest.mark.parametrize("mode", NAMESPACED)
+def test_no_network(mode):
     with socket.create_server(("127.0.0.1", 0)) as server:
         port = server.getsockname()[1]
-        r = run_program(
-            f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)", isolation="namespace"
-        )
+        r = run_program(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)", isolation=mode)
     assert r.status == "failed"
     assert "Network is unreachable" in r.stderr or "Connection refused" in r.stderr
 
@@ -253,7 +265,7 @@ def test_no_network():
 def test_pool_runs_in_parallel_and_keeps_order():
     sources = [f"import time, sys\ntime.sleep(0.4)\nprint(sys.stdin.read() * {i})" for i in range(4)]
     sources.append("while True:\n    pass")
-    results = run_programs(sources, stdins=["ab", "c", "d", "e", None], max_workers=5, timeout_s=1.5)
+    results = run_programs(sources, stdins=["ab", "c", "d", "e", None], max_workers=5, timeout_s=1.5, isolation=BEST)
     assert [r.stdout for r in results[:4]] == ["\n", "c\n", "dd\n", "eee\n"]
     assert [r.status for r in results] == ["passed"] * 4 + ["timeout"]
     # Every sleeping run overlaps every other: they ran at the same time, not one after another.
@@ -268,8 +280,14 @@ def test_argument_errors():
         run_program("pass", timeout_s=0)
     with pytest.raises(ValueError, match="memory_mb"):
         run_program("pass", memory_mb=8)
-    with pytest.raises(ValueError, match="isolation"):
-        run_program("pass", isolation="vm")
+    with pytest.raises(ValueError, match="isolation must be one of 'full', 'namespace', 'process', got 'auto'"):
+        run_program("pass", isolation="auto")
+    with pytest.raises(ValueError, match="max_processes"):
+        run_program("pass", max_processes=0)
+    with pytest.raises(ValueError, match="disk_mb"):
+        run_program("pass", disk_mb=0.5)
+    with pytest.raises(ValueError, match="cpu_time_s"):
+        run_program("pass", cpu_time_s=-1)
     with pytest.raises(ValueError, match="one per program"):
         run_programs(["pass"], stdins=[])
 
@@ -283,7 +301,7 @@ def test_import_is_light():
     assert out == "[]\n"
 
 
-def test_isolation_detection_and_fallback(monkeypatch):
+def test_isolation_detection_and_refusal(monkeypatch):
     monkeypatch.setattr(execution.shutil, "which", lambda name: None)
     assert execution._unshare_prefix() == []
     monkeypatch.setattr(execution.shutil, "which", lambda name: "/usr/bin/unshare")
@@ -294,16 +312,51 @@ def test_isolation_detection_and_fallback(monkeypatch):
         "/usr/bin/unshare",
         "--net",
         "--pid",
+        "--ipc",
         "--fork",
         "--kill-child",
         "--mount-proc",
     ]
-    # Where namespaces do not work, "auto" falls back to process isolation and "namespace" refuses.
-    monkeypatch.setattr(execution, "_namespace_prefix", lambda: ())
+    # Where a mode is missing it is refused, naming what is missing; weaker modes run only when named.
+    monkeypatch.setattr(execution, "_missing_for_full", lambda: "no usable cgroups: test")
+    monkeypatch.setattr(execution, "_missing_for_namespace", lambda: "")
+    assert execution.sandbox_isolation() == "namespace"
+    with pytest.raises(SandboxUnavailable, match=r"isolation='full' is not available on this machine: no usable cgr"):
+        run_program("print(2)")
+    with pytest.raises(SandboxUnavailable, match=r"isolation='namespace' or 'process'"):
+        run_programs(["print(2)"], isolation="full")
+    monkeypatch.setattr(execution, "_missing_for_namespace", lambda: "it needs Linux")
     assert execution.sandbox_isolation() == "process"
-    assert run_program("print(2)").isolation == "process"
-    with pytest.raises(RuntimeError, match="isolation='namespace'"):
+    with pytest.raises(
+        SandboxUnavailable, match=r"isolation='namespace' is .* it needs Linux\. .*isolation='process' "
+    ):
         run_program("print(2)", isolation="namespace")
+    assert isinstance(SandboxUnavailable("full", "x"), UnsafeExecutionRefused)
+    r = run_program("print(2)", isolation="process")
+    assert (r.stdout, r.isolation) == ("2\n", "process")
+
+
+def test_cgroup_layout_from_proc_files(monkeypatch, tmp_path):
+    mounts = {
+        "": ("/sys/fs/cgroup/unified", "/"),
+        "memory": ("/sys/fs/cgroup/memory", "/"),
+        "pids": ("/sys/fs/cgroup/pids", "/"),
+        "cpuacct": ("/sys/fs/cgroup/cpuacct", "/a"),
+    }
+    own = {"": "/", "memory": "/jobs/7", "pids": "/", "cpuacct": "/a/b"}
+    assert execution._cgroup_dir(mounts, own, "memory") == "/sys/fs/cgroup/memory/jobs/7"
+    assert execution._cgroup_dir(mounts, own, "cpuacct") == "/sys/fs/cgroup/cpuacct/b"
+    assert execution._cgroup_dir(mounts, {"cpuacct": "/elsewhere"}, "cpuacct") is None
+    assert execution._cgroup_dir(mounts, own, "cpu") is None
+    # A cgroup v2 parent without the controllers is named in the reason; with them, it is the layout.
+    (tmp_path / "cgroup.controllers").write_text("cpu io\n")
+    monkeypatch.setenv(execution.CGROUP_ENV_VAR, str(tmp_path))
+    assert execution._cgroup_v2_layout(mounts, own) == f"cgroup v2 {tmp_path} offers no memory or pids controller"
+    (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
+    (tmp_path / "cgroup.subtree_control").write_text("memory\n")
+    assert execution._cgroup_v2_layout(mounts, own).parents == (str(tmp_path),)
+    assert (tmp_path / "cgroup.subtree_control").read_text() == "+memory +pids"
+    assert execution._unescape(r"/a\040b") == "/a b"
 
 
 @pytest.mark.parametrize(
@@ -329,6 +382,14 @@ def test_classify(returncode, stderr, cpu_s, status):
     assert execution._classify(returncode, stderr, cpu_s, 4.0)[0] == status
 
 
+def test_classify_total_memory_cap():
+    # The cgroup's OOM killer ended a process: the program died of it, or failed because a child did.
+    for returncode in (-9, 1):
+        status, reason = execution._classify(returncode, "", 0.2, 4.0, oom_kills=2)
+        assert (status, reason) == ("memory", "total memory cap reached: the OOM killer ended 2 of its processes")
+    assert execution._classify(0, "", 0.2, 4.0, oom_kills=2)[0] == "passed"  # it coped: its verdict stands
+
+
 def test_cpu_time_is_reported():
-    r = run_program("print(sum(i * i for i in range(3_000_000)))", timeout_s=20.0)
+    r = run_program("print(sum(i * i for i in range(3_000_000)))", timeout_s=20.0, isolation=BEST)
     assert r.status == "passed" and 0.02 < r.cpu_s

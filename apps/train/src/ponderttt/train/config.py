@@ -418,6 +418,11 @@ class EvaluateConfig:
     """0: greedy decoding."""
     timeout_s: float = 3.0
     """Sandbox wall-clock limit per program (code benchmarks)."""
+    isolation: Literal["full", "namespace", "process"] = "full"
+    """Sandbox of the code benchmarks (`ponderttt.eval.execution`): full (namespaces, a cgroup capping processes,
+    memory and CPU, a private root with only the interpreter's files); namespace (no cgroup, host files visible
+    read-only) and process (rlimits only) are weaker and run only when asked for here. Where the machine cannot
+    give the chosen mode, `evaluate` stops before generating."""
 
     def __post_init__(self) -> None:
         _require(self.max_new_tokens >= 1, f"--evaluate.max-new-tokens={self.max_new_tokens} must be positive")

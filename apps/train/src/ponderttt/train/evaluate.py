@@ -21,7 +21,9 @@ last batch get λ = 0 and are not counted (`ponderttt.gating.generation.Generati
 Benchmarks come from local files in --evaluate.benchmark-dir: `<name>.jsonl` (or `<name>.json`) with the
 hub data set's fields, and optionally `<name>.shots.jsonl` with few-shot examples (MBPP, GSM8K, MATH-500,
 GPQA). Completions are cut at the benchmark's stop strings and graded by `ponderttt.eval.benchmarks`: code in
-the sandbox of `ponderttt.eval.execution` (needs PONDER_TTT_ALLOW_UNSAFE_BENCHMARKS=1), answers by extraction.
+the sandbox of `ponderttt.eval.execution` (needs PONDER_TTT_ALLOW_UNSAFE_BENCHMARKS=1; its isolation is
+--evaluate.isolation, full by default, refused at the start where the machine cannot give it), answers by
+extraction.
 
 Outputs in the run directory (process 0 only): evaluate.json (per benchmark x gate: metric, value, problems,
 update rate, tokens, seconds; the run and the config), evaluate.md (a table) and evaluate_samples.jsonl (every
@@ -45,7 +47,7 @@ from tqdm.auto import tqdm
 
 from ponderttt.eval.benchmarks import tasks
 from ponderttt.eval.benchmarks.tasks import Task, score
-from ponderttt.eval.execution import ALLOW_ENV_VAR
+from ponderttt.eval.execution import ALLOW_ENV_VAR, ISOLATIONS, SandboxUnavailable, require_isolation
 from ponderttt.eval.stats import mean_ci, paired_difference_ci
 from ponderttt.gating import GenerationGate, make_gate
 from ponderttt.models.generate import GenerationConfig, generate
@@ -95,17 +97,28 @@ def check_benchmarks(ev: EvaluateConfig) -> None:
         raise ConfigError(f"--evaluate.benchmark-dir={ev.benchmark_dir}: missing directory")
     for name in ev.benchmarks:
         benchmark_file(ev.benchmark_dir, name)
-    require_code_consent(ev.benchmarks)
+    require_code_consent(ev.benchmarks, ev.isolation)
 
 
-def require_code_consent(names: Sequence[str]) -> None:
-    """A ConfigError before anything is generated when a benchmark would run code without the user's consent."""
+def require_code_consent(names: Sequence[str], isolation: str = "full") -> None:
+    """A ConfigError before anything is generated when a benchmark would run code without the user's consent,
+    or under an `isolation` this machine cannot give (probed once)."""
     running = tasks.code_benchmarks(names)
-    if running and os.environ.get(ALLOW_ENV_VAR) != "1":
+    if not running:
+        return
+    if os.environ.get(ALLOW_ENV_VAR) != "1":
         raise ConfigError(f"--evaluate.benchmarks {' '.join(running)} run model-written code in a sandbox (not a "
                           f"security boundary like a VM): set {ALLOW_ENV_VAR}=1 to accept that, preferably in a "
                           "disposable machine or container, or evaluate only answer-graded benchmarks (gsm8k "
                           "math500 gpqa_diamond)")
+    try:
+        require_isolation(isolation)
+    except SandboxUnavailable as error:
+        weaker = " or ".join(ISOLATIONS[ISOLATIONS.index(isolation) + 1:])
+        raise ConfigError(f"--evaluate.isolation={isolation}: the sandbox of --evaluate.benchmarks "
+                          f"{' '.join(running)} is not available on this machine ({error.missing}); pass "
+                          f"--evaluate.isolation {weaker} to accept weaker isolation, or evaluate only "
+                          "answer-graded benchmarks") from None
 
 
 # ----------------------------------------------------------------------------------------------- gates
@@ -265,7 +278,7 @@ def evaluate_task(model: Any, tok: Any, task: Task, method: str, runner: Generat
     steady = sum(t for _, t in later) / sum(s for s, _ in later) if later and sum(s for s, _ in later) else None
     started = time.perf_counter()
     result = score(task, {p.task_id: c.text for p, c in zip(task.problems, completions, strict=True)},
-                   timeout_s=evaluate.timeout_s)
+                   timeout_s=evaluate.timeout_s, isolation=evaluate.isolation)
     score_seconds = time.perf_counter() - started
     tokens = sum(c.tokens for c in completions)
     passed = np.asarray([p.num_correct for p in result.problems], np.float64)  # one greedy sample per problem

@@ -320,6 +320,22 @@ def _aggregates_section(doc: Mapping) -> str | None:
     return _table(["Method", "Protocol", "Metric", "Runs × tasks", "IQM [95% stratified-bootstrap CI]"], rows)
 
 
+def _data_section(doc: Mapping) -> str | None:
+    """The corpus read: files and skipped entries (never opened) per split, or None without a ``data`` section."""
+    data = doc.get("data")
+    if not data:
+        return None
+    splits = data.get("splits") or {}
+    rows = []
+    for split, counts in splits.items():
+        skipped = counts.get("skipped") or {}
+        reasons = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(skipped.items()))
+        rows.append([split, str(counts.get("files", "—")), str(counts.get("used", "—")), reasons or "none"])
+    total = sum(sum((counts.get("skipped") or {}).values()) for counts in splits.values())
+    lead = f"{total} entries skipped (never opened)" if total else "no entries skipped"
+    return f"Corpus `{data.get('corpus', '—')}`: {lead}.\n\n" + _table(["Split", "Files", "Used", "Skipped"], rows)
+
+
 def _cost_section(doc: Mapping) -> str | None:
     table = doc.get("cost_table")
     if not table:
@@ -358,7 +374,7 @@ def _cost_section(doc: Mapping) -> str | None:
 
 
 def render_markdown(doc: Mapping, plot_files: Mapping[str, str] | None = None) -> str:
-    """The report as Markdown: run, costs, results per protocol, languages, actions, Pareto, signals, tests."""
+    """The report as Markdown: run, data, costs, results per protocol, languages, actions, Pareto, signals, tests."""
     plot_files = dict(plot_files or {})
     out = [
         "# PonderTTT evaluation report",
@@ -374,7 +390,7 @@ def render_markdown(doc: Mapping, plot_files: Mapping[str, str] | None = None) -
             _table(["Key", "Value"], [[k, v if isinstance(v, str) else json.dumps(v)] for k, v in run.items()]),
             "",
         ]
-    sections = [("Cost per action (per chunk)", _cost_section(doc))]
+    sections = [("Data", _data_section(doc)), ("Cost per action (per chunk)", _cost_section(doc))]
     for protocol in sorted({r["protocol"] for r in doc["results"]}):
         sections.append((f"Results — protocol `{protocol}`", _results_section(doc, protocol)))
         sections.append((f"Per language — protocol `{protocol}`", _language_section(doc, protocol)))

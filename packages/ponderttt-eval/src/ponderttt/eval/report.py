@@ -524,14 +524,18 @@ def build_results_json(
     comparisons: Sequence[Mapping] = (),
     signals: Sequence[Mapping] = (),
     aggregates: Sequence[Mapping] = (),
+    data: Mapping | None = None,
 ) -> dict:
-    """The results.json document (validated); see the README for the schema."""
+    """The results.json document (validated); see the README for the schema. ``data``: what the runner read (corpus,
+    files and skipped entries per split), kept as the optional ``data`` section."""
     _check(results, comparisons=comparisons, signals=signals, aggregates=aggregates)
+    optional = {} if data is None else {"data": dict(data)}
     return _jsonable(
         {
             "schema_version": SCHEMA_VERSION,
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "run": dict(run or {}),
+            **optional,
             "cost_table": cost_table.to_dict() if cost_table is not None else None,
             "wall_clock_overheads": cost_table.overheads_to_dict() if cost_table is not None else {},
             "results": [dict(r) for r in results],
@@ -566,9 +570,12 @@ def write_report(
     signal_names: Sequence[str] = (),
     target_names: Sequence[str] = ("oracle_advantage",),
     plots: bool = True,
+    data: Mapping | None = None,
 ) -> dict[str, pathlib.Path]:
     """Validates ``results`` and writes results.json, report.md and (with ``plots``) PNGs into ``out_dir``.
 
+    ``data``: the corpus read ({"corpus", "skipped", "splits": {split: {"files", "used", "skipped": {reason: n}}}}),
+    results.json's ``data`` section and report.md's "Data" table;
     ``comparisons``: ``comparison_record`` rows; ``aggregates``: ``aggregate_records`` rows (IQM over seeds);
     ``signals``: rows of ``signals.signal_table``; ``signal_samples`` (per-chunk columns, as for
     ``signal_table``) with ``signal_names`` / ``target_names`` adds the signal-vs-target scatter plot.
@@ -577,7 +584,13 @@ def write_report(
     from ponderttt.eval.render import render_markdown
 
     doc = build_results_json(
-        results, run=run, cost_table=cost_table, comparisons=comparisons, signals=signals, aggregates=aggregates
+        results,
+        run=run,
+        cost_table=cost_table,
+        comparisons=comparisons,
+        signals=signals,
+        aggregates=aggregates,
+        data=data,
     )
     if signal_samples is not None:
         missing = [n for n in (*signal_names, *target_names) if n not in signal_samples]

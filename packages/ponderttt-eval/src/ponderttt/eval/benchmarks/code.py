@@ -1,17 +1,18 @@
 """Code benchmarks graded by running tests in the sandbox: HumanEval, MBPP and ClassEval.
 
 Each problem type has ``build_prompt`` (what the model sees), ``postprocess`` (generation -> code to test: stop
-sequences for completion-style prompts, sanitised extraction for instruction-style ones), ``program`` (the code plus
-its tests, as one script whose exit status says pass/fail) and ``judge`` (sandbox result -> :class:`SampleResult`).
-:func:`evaluate_code` runs every generation of every problem through :func:`ponderttt.eval.execution.run_programs`
-and returns per-problem results with the unbiased pass@k.
+sequences for completion-style prompts, sanitised extraction for instruction-style ones), ``program`` (the code to
+test: the untrusted program), ``harness`` (the task's tests as a :class:`ponderttt.eval.grading.Harness`: they run in a
+process of the sandbox the program cannot reach and call into it, so only the right values pass, never an exit
+status) and ``judge`` (sandbox result -> :class:`SampleResult`). :func:`evaluate_code` runs every generation of every
+problem through :func:`ponderttt.eval.execution.run_programs` and returns per-problem results with the unbiased
+pass@k.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
-import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ from ponderttt.eval.benchmarks.common import (
     summarize,
     truncate_at_stops,
 )
+from ponderttt.eval.grading import Harness
 
 if TYPE_CHECKING:
     from ponderttt.eval.execution import ExecutionResult
@@ -46,8 +48,20 @@ HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 MBPP_STOPS = ("[DONE]",)
 
 
-def _judge_exit_status(result: ExecutionResult, completion: str) -> SampleResult:
+def _judge(result: ExecutionResult, completion: str) -> SampleResult:
     return SampleResult(result.status == "passed", result.status, result.reason, completion)
+
+
+def _trusted_preamble(prompt: str) -> str:
+    """The task's prompt as harness code (its imports and helper functions, which some tests call), or ``""`` if it
+    does not compile alone; the entry point it declares is replaced by the program's (``Harness.remote``)."""
+    for candidate in (prompt, prompt.rstrip() + "\n    pass\n"):
+        try:
+            ast.parse(candidate)
+        except SyntaxError:
+            continue
+        return candidate
+    return ""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -73,12 +87,21 @@ class HumanEvalProblem:
         return truncate_at_stops(generation, HUMANEVAL_STOPS)
 
     def program(self, completion: str) -> str:
-        """Prompt + completion, the task's ``check`` function, and ``check(entry_point)``: exit status 0 = pass."""
-        return f"{self.prompt}{completion}\n\n{self.test}\n\ncheck({self.entry_point})\n"
+        """Prompt + completion: the program under test."""
+        return f"{self.prompt}{completion}\n"
+
+    def harness(self) -> Harness:
+        """The task's ``check`` function called on the program's ``entry_point``; the prompt's helpers are defined in
+        the harness too (tests such as HumanEval/32 call them)."""
+        return Harness(
+            tests=f"{self.test}\n\ncheck({self.entry_point})\n",
+            preamble=_trusted_preamble(self.prompt),
+            remote=(self.entry_point,),
+        )
 
     def judge(self, result: ExecutionResult, completion: str) -> SampleResult:
-        """Passed iff the sandbox status is "passed"; status and reason are the sandbox's."""
-        return _judge_exit_status(result, completion)
+        """Passed iff the sandbox status is "passed" (the harness's verdict); status and reason are the sandbox's."""
+        return _judge(result, completion)
 
 
 def load_humaneval(source: str = "openai_humaneval", *, split: str = "test") -> list[HumanEvalProblem]:
@@ -139,14 +162,19 @@ class MBPPProblem:
         """The answer up to ``[DONE]``, sanitised to top-level imports and definitions (see ``sanitize_python``)."""
         return sanitize_python(truncate_at_stops(generation, MBPP_STOPS), entry_point=self.entry_point)
 
-    def program(self, completion: str, *, challenge: bool = False) -> str:
-        """Setup code, the completion and the test asserts (plus ``challenge_test_list`` with ``challenge``)."""
+    def program(self, completion: str) -> str:
+        """Setup code and the completion: the program under test."""
+        return f"{self.test_setup_code}\n\n{completion}\n"
+
+    def harness(self, *, challenge: bool = False) -> Harness:
+        """The test asserts (plus ``challenge_test_list`` with ``challenge``) after the setup code."""
         tests = list(self.test_list) + (list(self.challenge_test_list) if challenge else [])
-        return f"{self.test_setup_code}\n\n{completion}\n\n" + "\n".join(tests) + "\n"
+        remote = (self.entry_point,) if self.entry_point else ()
+        return Harness(tests="\n".join(tests) + "\n", preamble=self.test_setup_code, remote=remote)
 
     def judge(self, result: ExecutionResult, completion: str) -> SampleResult:
         """Passed iff the sandbox status is "passed" (every assert held)."""
-        return _judge_exit_status(result, completion)
+        return _judge(result, completion)
 
 
 def load_mbpp(source: str = "mbpp", *, name: str | None = "full", split: str = "test") -> list[MBPPProblem]:
@@ -173,9 +201,6 @@ def load_mbpp(source: str = "mbpp", *, name: str | None = "full", split: str = "
 
 # ---------------------------------------------------------------------------------------------------------------
 # ClassEval
-
-_CLASSEVAL_MARK = "PONDERTTT_CLASSEVAL_RESULT "
-
 
 def _without_main_guard(code: str) -> str:
     """Drop top-level ``if __name__ == "__main__":`` blocks (a test file's ``unittest.main()`` would exit first)."""
@@ -217,29 +242,32 @@ class ClassEvalProblem:
         return sanitize_python(generation, entry_point=self.class_name)
 
     def program(self, completion: str) -> str:
-        """Imports, the completion and the test module (its ``__main__`` block dropped), then a runner that runs each
-        of ``test_classes``, prints their outcomes as one JSON line and exits 0 only if all pass."""
+        """The imports and the completion: the program under test."""
+        imports = "\n".join(self.import_statement)
+        return f"{imports}\n\n{completion}\n"
+
+    def harness(self) -> Harness:
+        """The test module (its ``__main__`` block dropped), then a runner that runs each of ``test_classes`` with
+        ``unittest`` in the harness process and gives their outcomes as the verdict (all must pass)."""
         runner = (
-            "import json as _pt_json, sys as _pt_sys, unittest as _pt_unittest\n"
+            "import sys as _pt_sys, unittest as _pt_unittest\n"
             "_pt_outcome = {}\n"
             f"for _pt_name in {list(self.test_classes)!r}:\n"
             "    _pt_suite = _pt_unittest.defaultTestLoader.loadTestsFromTestCase(globals()[_pt_name])\n"
             "    _pt_run = _pt_unittest.TextTestRunner(stream=_pt_sys.stderr, verbosity=0).run(_pt_suite)\n"
             "    _pt_outcome[_pt_name] = _pt_run.wasSuccessful() and _pt_run.testsRun > 0\n"
-            f"print({_CLASSEVAL_MARK!r} + _pt_json.dumps(_pt_outcome), flush=True)\n"
-            "_pt_sys.exit(0 if all(_pt_outcome.values()) else 1)\n"
+            "ponderttt_verdict(all(_pt_outcome.values()), _pt_outcome)\n"
         )
-        imports = "\n".join(self.import_statement)
-        return f"{imports}\n\n{completion}\n\n{_without_main_guard(self.test)}\n\n{runner}"
+        return Harness(
+            tests=f"{_without_main_guard(self.test)}\n\n{runner}",
+            preamble="\n".join(self.import_statement),
+            remote=(self.class_name,),
+        )
 
     def judge(self, result: ExecutionResult, completion: str) -> SampleResult:
-        """Class-level pass from the exit status; ``details`` holds each test class's outcome (method level)."""
-        outcome = {}
-        for line in reversed(result.stdout.splitlines()):
-            if line.startswith(_CLASSEVAL_MARK):
-                outcome = json.loads(line[len(_CLASSEVAL_MARK) :])
-                break
-        methods = {name: bool(outcome.get(name, False)) for name in self.test_classes}
+        """Class-level pass from the harness's verdict; ``details`` holds each test class's outcome (method level)."""
+        outcome = (result.verdict or {}).get("details") or {}
+        methods = {name: outcome.get(name) is True for name in self.test_classes}
         return SampleResult(result.status == "passed", result.status, result.reason, completion, methods)
 
 
@@ -301,6 +329,7 @@ def evaluate_code(
             jobs.append((problem, completion))
     results = run_programs(
         [problem.program(completion) for problem, completion in jobs],
+        harnesses=[problem.harness() for problem, _ in jobs],
         timeout_s=timeout_s,
         memory_mb=memory_mb,
         max_workers=max_workers,

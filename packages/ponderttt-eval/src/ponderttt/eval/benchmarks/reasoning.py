@@ -29,6 +29,7 @@ from ponderttt.eval.benchmarks.common import (
     require_fields,
     summarize,
 )
+from ponderttt.eval.grading import Harness
 
 if TYPE_CHECKING:
     from ponderttt.eval.execution import ExecutionResult
@@ -223,10 +224,22 @@ _CHOICE_PATTERNS = (
 )
 
 
+# After a stated answer: "or (C)", ", C", "/ C", "and C" — a second letter in the same statement.
+_HEDGE = re.compile(r"\)?\s*(?:,|/|\bor\b|\band\b)\s*\(?[A-D]\)?(?![A-Za-z])", re.IGNORECASE)
+
+
 def extract_choice(response: str) -> str | None:
     """The chosen letter A-D: from "The correct answer is (X)", else "Answer: X", else the last "(X)", else a
-    response that is only a letter. ``None`` if nothing matches."""
-    for pattern in _CHOICE_PATTERNS:
+    response that is only a letter. ``None`` if nothing matches, and ``None`` for a response that does not commit
+    to one letter: explicit answer statements that name different letters ("The correct answer is (B). Answer: C"),
+    or one statement naming several ("The correct answer is (B) or (C)")."""
+    stated = [m for pattern in _CHOICE_PATTERNS[:2] for m in pattern.finditer(response)]
+    if stated:
+        letters = {m.group(1).upper() for m in stated}
+        if len(letters) > 1 or any(_HEDGE.match(response, m.end(1)) for m in stated):
+            return None
+        return letters.pop()
+    for pattern in _CHOICE_PATTERNS[2:]:
         matches = pattern.findall(response)
         if matches:
             return matches[-1].upper()
@@ -397,22 +410,23 @@ class LiveCodeBenchProblem:
         """The last fenced code block (``""`` if there is none: an answer without code fails)."""
         return extract_code_block(generation, last=True) or ""
 
-    def programs(self, code: str) -> list[tuple[str, str | None]]:
-        """One (source, stdin) per test."""
+    def programs(self, code: str) -> list[tuple[str, str | None, Harness | None]]:
+        """One (source, stdin, harness) per test: a stdin test feeds ``input`` and compares stdout (in the caller);
+        a functional test calls ``Solution().func_name`` from the harness process and compares the JSON values."""
         out = []
         for test in self.tests:
             if test.testtype == "functional":
                 if not self.func_name:
                     raise ValueError(f"LiveCodeBench {self.task_id!r} has functional tests but no func_name")
-                harness = (
-                    "\nimport json as _pt_json, sys as _pt_sys\n"
+                tests = (
+                    "import json as _pt_json\n"
                     f"_pt_args = [_pt_json.loads(l) for l in {test.input!r}.split('\\n') if l.strip()]\n"
                     f"_pt_got = _pt_json.loads(_pt_json.dumps(Solution().{self.func_name}(*_pt_args)))\n"
-                    f"_pt_sys.exit(0 if _pt_got == _pt_json.loads({test.output!r}) else 1)\n"
+                    f"assert _pt_got == _pt_json.loads({test.output!r}), 'wrong answer'\n"
                 )
-                out.append((_LCB_PRELUDE + code + "\n" + harness, None))
+                out.append((_LCB_PRELUDE + code + "\n", None, Harness(tests=tests, remote=("Solution",))))
             else:
-                out.append((_LCB_PRELUDE + code + "\n", test.input))
+                out.append((_LCB_PRELUDE + code + "\n", test.input, None))
         return out
 
     def judge(self, code: str, results: Sequence[ExecutionResult]) -> SampleResult:
@@ -490,16 +504,24 @@ def evaluate_livecodebench(
     jobs = []  # (problem, code, first program index, number of programs)
     sources: list[str] = []
     stdins: list[str | None] = []
+    harnesses: list[Harness | None] = []
     for problem in problems:
         for generation in _generations_for(generations, problem.task_id):
             code = problem.postprocess(generation) if postprocess else generation
             programs = problem.programs(code) if code.strip() else []
             jobs.append((problem, code, len(sources), len(programs)))
-            for source, stdin in programs:
+            for source, stdin, harness in programs:
                 sources.append(source)
                 stdins.append(stdin)
+                harnesses.append(harness)
     results = run_programs(
-        sources, stdins=stdins, timeout_s=timeout_s, memory_mb=memory_mb, max_workers=max_workers, **sandbox
+        sources,
+        stdins=stdins,
+        harnesses=harnesses,
+        timeout_s=timeout_s,
+        memory_mb=memory_mb,
+        max_workers=max_workers,
+        **sandbox,
     )
     per_problem: dict[str, list[SampleResult]] = {p.task_id: [] for p in problems}
     for problem, code, start, count in jobs:

@@ -140,14 +140,15 @@ def load_task(name: str, directory: str | pathlib.Path, *, max_problems: int | N
     return Task(spec, tuple(problems), prompts, len(examples), str(path))
 
 
-def score(task: Task, completions: Mapping[str, str], *, timeout_s: float = 3.0) -> Any:
+def score(task: Task, completions: Mapping[str, str], *, timeout_s: float = 3.0, **sandbox: Any) -> Any:
     """Grades one completion per problem (`completions`: task_id -> raw generated text, cut at the benchmark's
-    stop strings here) -> ``BenchmarkResult`` (pass@1 / accuracy, per-problem results)."""
+    stop strings here) -> ``BenchmarkResult`` (pass@1 / accuracy, per-problem results). ``sandbox``: keyword
+    arguments of ``ponderttt.eval.execution.run_program`` (``isolation``, ...) for the code benchmarks."""
     cut = {p.task_id: [common.truncate_at_stops(completions[p.task_id], task.spec.stops)] for p in task.problems}
     if task.spec.grader == "code":
-        return code.evaluate_code(task.name, task.problems, cut, ks=(1,), timeout_s=timeout_s)
+        return code.evaluate_code(task.name, task.problems, cut, ks=(1,), timeout_s=timeout_s, **sandbox)
     if task.spec.grader == "livecodebench":
-        return reasoning.evaluate_livecodebench(task.problems, cut, ks=(1,), timeout_s=timeout_s)
+        return reasoning.evaluate_livecodebench(task.problems, cut, ks=(1,), timeout_s=timeout_s, **sandbox)
     return reasoning.evaluate_answers(task.name, task.problems, cut, ks=(1,))
 
 
