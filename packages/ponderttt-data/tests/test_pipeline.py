@@ -222,6 +222,11 @@ def test_load_tokenizer_from_directory(tmp_path, tokenizer):
         load_tokenizer(folder, eod_token="<eos>")
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         load_tokenizer(tmp_path)
+    for bad in (b"", b"{not json", b"\xff\xfe", b'{"model": 3}'):
+        (folder / "tokenizer.json").write_bytes(bad)
+        with pytest.raises(ValueError, match=r"tokenizer\.json: not a readable tokenizer\.json \(") as error:
+            load_tokenizer(folder)
+        assert "\n" not in str(error.value) and str(folder) in str(error.value)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gemma"])

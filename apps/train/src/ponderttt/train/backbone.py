@@ -14,10 +14,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ponderttt.models import GPT2, GPT2Config, init_sharded, load_hf_causal_lm
+from ponderttt.models import GPT2, AssetError, GPT2Config, init_sharded, load_hf_causal_lm
 from ponderttt.train import corpus, distributed
 from ponderttt.train.checkpoint import Checkpointer, has_checkpoint
-from ponderttt.train.config import BackboneConfig, DataConfig, PlatformConfig, RunConfig
+from ponderttt.train.config import BackboneConfig, ConfigError, DataConfig, PlatformConfig, RunConfig
 from ponderttt.train.loop import train_loop
 from ponderttt.train.optim import make_optimizer
 from ponderttt.train.rundir import RunDir, cache_dir, require_backbone_dir
@@ -74,10 +74,18 @@ def load_cached(folder: pathlib.Path, platform: PlatformConfig, mesh: Any) -> An
 
 
 def load_backbone(backbone: BackboneConfig, platform: PlatformConfig, mesh: Any, cached: pathlib.Path | None) -> Any:
-    """The backbone of a run: `--backbone.path` (HF), else the cached in-house GPT-2 in `cached`."""
+    """The backbone of a run: `--backbone.path` (HF), else the cached in-house GPT-2 in `cached`.
+
+    A file of the HF directory that cannot be used (malformed config.json or index, corrupt safetensors, missing,
+    mis-shaped, integer or non-finite tensors) is a ConfigError, one line naming the file and the problem: the
+    command stops with exit status 2 before any training.
+    """
     if backbone.path is not None:
         folder = require_backbone_dir(backbone.path)
-        return load_hf_causal_lm(folder, dtype=jnp.dtype(platform.dtype), mesh=mesh)
+        try:
+            return load_hf_causal_lm(folder, dtype=jnp.dtype(platform.dtype), mesh=mesh)
+        except AssetError as error:
+            raise ConfigError(f"--backbone.path: {error}") from error
     if cached is None or not has_checkpoint(cached):
         raise FileNotFoundError(f"no pretrained in-house backbone in {cached}: run `pretrain` first")
     return load_cached(cached, platform, mesh)

@@ -100,8 +100,12 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, eod_token: str | None = N
                 "(a fast tokenizer) or pass a hub id"
             )
     if path.is_file():
-        return wrap_tokenizer(tokenizers.Tokenizer.from_file(str(path)), eod_token=eod_token, pad_token=pad_token,
-                              name=str(name_or_path))
+        try:
+            tokenizer = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as err:  # the Rust side raises a bare Exception with a multi-line message
+            problem = " ".join(str(err).split()) or type(err).__name__
+            raise ValueError(f"{path}: not a readable tokenizer.json ({problem})") from err
+        return wrap_tokenizer(tokenizer, eod_token=eod_token, pad_token=pad_token, name=str(name_or_path))
     name = str(name_or_path)
     try:
         tokenizer = tokenizers.Tokenizer.from_pretrained(name, token=os.environ.get("HF_TOKEN"))

@@ -16,7 +16,16 @@ from ponderttt.models.adapter import (
     count_params,
     trainable_state,
 )
-from ponderttt.models.config import PRESETS, Gemma3Config, GPT2Config, ModelConfig, config_from_hf, preset
+from ponderttt.models.config import (
+    PRESETS,
+    AssetError,
+    Gemma3Config,
+    GPT2Config,
+    ModelConfig,
+    config_from_hf,
+    load_hf_config,
+    preset,
+)
 from ponderttt.models.hf import HFTokenizer, load_hf_causal_lm, load_hf_tokenizer, save_hf_causal_lm
 from ponderttt.models.model import GPT2, BackboneOutput, CausalLM, Gemma3, KVCache, ModelOutput, build_model
 from ponderttt.models.sharding import (
@@ -38,6 +47,7 @@ __all__ = [
     "TRAINABLE",
     "AdaptedLM",
     "AdapterSpec",
+    "AssetError",
     "BackboneOutput",
     "ChunkStep",
     "FastState",
@@ -61,6 +71,7 @@ __all__ = [
     "constrain",
     "init_sharded",
     "load_hf_causal_lm",
+    "load_hf_config",
     "load_hf_tokenizer",
     "logical_to_spec",
     "make_mesh",
