@@ -1,12 +1,15 @@
 """Checks that every workspace package stands on its own.
 
 For each package under packages/:
-  1. its tests pass in an environment holding only that package and its declared dependencies
-     (`uv run --exact --package <pkg>`, in `.venvs/<pkg>` so the main `.venv` is untouched); the tests marked
-     slow are left out here (they run in the workspace suite, `uv run pytest`, with the same code);
+  1. its tests work in an environment holding only that package and its declared dependencies
+     (`uv run --exact --package <pkg>`, in `.venvs/<pkg>` so the main `.venv` is untouched). By default every test
+     module is collected there (so every module the tests import, and the package's own modules they import, must
+     resolve with the declared dependencies alone) and the package's own checks (`tests/test_package*.py`: imports of
+     every public module, entry points, versions) run; `--full-tests` runs all its tests not marked slow instead.
+     The full tests run once, in the workspace suite (`uv run pytest`), with the same code: CI does not repeat them;
   2. `uv build --package <pkg>` gives a wheel that installs into an empty venv and imports.
 
-Usage: uv run python tools/check_isolation.py [--only ponderttt-ttt ...] [--skip-tests] [--skip-wheels]
+Usage: uv run python tools/check_isolation.py [--only ponderttt-ttt ...] [--full-tests] [--skip-tests] [--skip-wheels]
 Exit status 0 when everything holds; otherwise 1, with a summary of what failed.
 """
 
@@ -58,14 +61,26 @@ def run(cmd: list[str], cwd: pathlib.Path | str = ROOT, env: dict[str, str] | No
     return subprocess.run(cmd, cwd=cwd, env=env).returncode
 
 
-def check_tests(name: str, folder: pathlib.Path) -> bool:
+def check_tests(name: str, folder: pathlib.Path, *, full: bool) -> bool:
     env = dict(os.environ, UV_PROJECT_ENVIRONMENT=str(ROOT / ".venvs" / name))
     env.pop("VIRTUAL_ENV", None)
-    rc = run([*uv(), "run", "--locked", "--exact", "--package", name,
-              "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", str(folder.relative_to(ROOT))], env=env)
-    if rc == 5:
-        print(f"FAIL {name}: pytest collected no tests", flush=True)
-    return rc == 0
+    tests = folder.relative_to(ROOT) / "tests"
+    pytest = [*uv(), "run", "--locked", "--exact", "--package", name, "pytest", "-q", "-p", "no:cacheprovider"]
+    if full:
+        runs = [[*pytest, "-m", "not slow", str(tests)]]
+    else:
+        own = sorted(str(p.relative_to(ROOT)) for p in (ROOT / tests).glob("test_package*.py"))
+        if not own:
+            print(f"FAIL {name}: no tests/test_package*.py (the package's own checks)", flush=True)
+            return False
+        runs = [[*pytest, "--collect-only", str(tests)], [*pytest, *own]]
+    for cmd in runs:
+        rc = run(cmd, env=env)
+        if rc == 5:
+            print(f"FAIL {name}: pytest collected no tests", flush=True)
+        if rc != 0:
+            return False
+    return True
 
 
 def check_wheel(name: str, members: dict[str, pathlib.Path], dist: pathlib.Path) -> bool:
@@ -91,6 +106,7 @@ def check_wheel(name: str, members: dict[str, pathlib.Path], dist: pathlib.Path)
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="*", help="package names to check (default: all)")
+    parser.add_argument("--full-tests", action="store_true", help="run every test not marked slow in isolation")
     parser.add_argument("--skip-tests", action="store_true", help="only build and install wheels")
     parser.add_argument("--skip-wheels", action="store_true", help="only run the isolated tests")
     args = parser.parse_args()
@@ -109,7 +125,7 @@ def main() -> int:
                 if run([*uv(), "build", "-q", "--package", name, "--wheel", "--out-dir", str(dist)]) != 0:
                     failures.append(f"{name}: uv build failed")
         for name in selected:
-            if not args.skip_tests and not check_tests(name, members[name]):
+            if not args.skip_tests and not check_tests(name, members[name], full=args.full_tests):
                 failures.append(f"{name}: tests fail with only its own dependencies")
             if not args.skip_wheels and not check_wheel(name, members, dist):
                 failures.append(f"{name}: built wheel does not install and import in an empty venv")
