@@ -22,8 +22,9 @@ LEARNED = ("gumbel", "continuous", "ppo")
 # Regenerate (after a change that is meant to alter results) with
 # PONDERTTT_WRITE_SMOKE_FIXTURE=1 uv run pytest tests/test_pipeline_smoke.py
 SMOKE_FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "smoke_results.json"
-# the fields that depend on the clock (creation time, measured wall-clock costs) and the machine's record
-CLOCK_FIELDS = ("created", "wall_clock_s", "wall_clock_spread_s", "wall_clock_overheads", "provenance")
+# the fields that depend on the clock (creation time, measured wall-clock costs) and the machine's record (provenance;
+# data: the corpus listing, whose file counts are those of this interpreter's standard library)
+CLOCK_FIELDS = ("created", "wall_clock_s", "wall_clock_spread_s", "wall_clock_overheads", "provenance", "data")
 
 
 def run_app(*args: str) -> subprocess.CompletedProcess:
@@ -161,6 +162,10 @@ def test_smoke_pipeline(tmp_path):
     for a, b in zip(wall["frontier"], wall["frontier"][1:], strict=False):  # each step wider than its ends' spread
         assert b["cost"] - a["cost"] > max(a["spread"], b["spread"])
     report = (run / "report.md").read_text()
+    data = doc["data"]  # the corpus as read: the standard library's files per split, none skipped
+    assert data["corpus"] == "stdlib" and data["skipped"] == 0 and list(data["splits"]) == ["train", "val", "test"]
+    assert 0 < data["splits"]["train"]["used"] <= 60 < data["splits"]["train"]["files"]  # smoke: --data.max-files 60
+    assert "## Data\n\nCorpus `stdlib`: no entries skipped." in report
     assert "| + recon_probe |" in report and "| + gate_features |" in report and "Spread ms (IQR)" in report
     assert (run / "pareto.png").is_file()
     stages = {json.loads(line)["stage"] for line in (run / "metrics.jsonl").read_text().splitlines()}

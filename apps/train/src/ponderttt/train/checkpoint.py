@@ -9,11 +9,21 @@ One checkpoint step holds two items:
 
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed
 mid-save leaves no half checkpoint behind; `latest_step()` only sees finished steps.
+
+A save that fails for want of space (or quota, or on a read-only file system; `rundir.DISK_ERRNOS`), whether
+`save` or a later `wait` / `close` / `save` finds it (asynchronous saves fail in the background), raises one
+`DiskFull` naming the step's directory and the last complete step, which stays readable (the failed step is
+left as `<step>.orbax-checkpoint-tmp`, never seen as a step). What Orbax's background threads report of that
+failure on their own (a traceback each) is dropped (`rundir.BACKGROUND_REPORTS`): the run stops with that one error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -22,15 +32,25 @@ from flax import nnx
 
 from ponderttt.train.config import ConfigError
 from ponderttt.train.logs import LOG
+from ponderttt.train.rundir import DiskFull, disk_errno
 
 STATE = "state"
 META = "meta"
+WIND_DOWN_S = 30.0  # after a failed save, the longest wait for its background threads to finish
+
+
+def finished_steps(directory: str | pathlib.Path) -> list[int]:
+    """The finished steps in `directory`, ascending, without starting a manager: Orbax renames a step's temporary
+    directory to the step number only once every item of it is written."""
+    folder = pathlib.Path(directory)
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
 
 
 def has_checkpoint(directory: str | pathlib.Path) -> bool:
     """True when `directory` holds a finished checkpoint step (without starting a manager)."""
-    folder = pathlib.Path(directory)
-    return folder.is_dir() and any(p.is_dir() and p.name.isdigit() for p in folder.iterdir())
+    return bool(finished_steps(directory))
 
 
 class Checkpointer:
@@ -39,8 +59,25 @@ class Checkpointer:
     def __init__(self, directory: str | pathlib.Path, *, keep: int = 3, async_save: bool = True) -> None:
         self._ocp = ocp
         self.directory = pathlib.Path(directory).absolute()
+        self._saving: int | None = None  # the step of the last save started (an asynchronous one may still be running)
+        self._failed = False  # a save failed for a disk reason: `close` then only releases the manager
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, META))
+        with self._disk_errors(None):
+            self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, META))
+
+    @contextlib.contextmanager
+    def _disk_errors(self, step: int | None) -> Iterator[None]:
+        """A disk failure under the block (`rundir.disk_errno`) as one `DiskFull` for `step`; other errors pass."""
+        try:
+            yield
+        except Exception as error:
+            code = disk_errno(error)
+            if code is None or isinstance(error, DiskFull):
+                raise
+            self._failed = True
+            complete = finished_steps(self.directory)
+            raise DiskFull(code, self.directory if step is None else self.directory / str(step), step=step,
+                           checkpoints=self.directory, last_step=complete[-1] if complete else None) from None
 
     def latest_step(self) -> int | None:
         """The newest finished step, None when the directory holds none."""
@@ -51,10 +88,14 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> None:
-        """Starts saving `step` (returns once arrays are copied off the device; the write continues)."""
+        """Starts saving `step` (returns once arrays are copied off the device; the write continues) after the previous
+        save has finished. `DiskFull` when this save or the previous one failed for a disk reason."""
         ocp = self._ocp
-        self._manager.save(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
-                                                             META: ocp.args.JsonSave(meta)}), force=True)
+        self.wait()
+        self._saving = step
+        with self._disk_errors(step):
+            self._manager.save(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
+                                                                 META: ocp.args.JsonSave(meta)}), force=True)
 
     def restore(self, template: dict[str, Any], step: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
         """(state, meta) of `step` (default: the latest), with the structure, dtypes and shardings of `template`."""
@@ -101,13 +142,35 @@ class Checkpointer:
         return self._manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
 
     def wait(self) -> None:
-        """Blocks until every started save is on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until every started save is on disk; `DiskFull` when one failed for a disk reason."""
+        with self._disk_errors(self._saving):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for pending saves, then releases the manager (also on leaving a `with` block)."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for pending saves, then releases the manager (also on leaving a `with` block). After a disk failure
+        (already raised) it only releases the manager, so the failure is reported once."""
+        try:
+            if not self._failed:
+                self.wait()
+        finally:
+            if self._failed:
+                self._wind_down()
+            else:
+                with self._disk_errors(self._saving):
+                    self._manager.close()
+
+    def _wind_down(self) -> None:
+        """After a disk failure: lets the failed save's background threads (Orbax's, and the asyncio workers they
+        started, which keep writing and fail in turn) finish, for up to `WIND_DOWN_S`, so that none reports into an
+        exiting interpreter; then releases the manager, quietly."""
+        deadline = time.monotonic() + WIND_DOWN_S
+        while time.monotonic() < deadline and (busy := [
+                t for t in threading.enumerate() if t is not threading.current_thread()
+                and (type(t).__module__.startswith("orbax.") or t.name.startswith("asyncio_"))]):
+            with contextlib.suppress(Exception):  # Orbax's threads raise their failure again on join
+                busy[0].join(max(0.0, deadline - time.monotonic()))
+        with contextlib.suppress(Exception):
+            self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -2,8 +2,8 @@
 
 The command is the first argument (default: pipeline). `--preset` chooses the defaults (smoke, cpu,
 gpu, tpu-pod); every other flag overrides one field of the preset and is parsed by tyro into the
-command's frozen dataclass config. Startup imports only the standard library, tyro and the config
-module: jax and the packages are imported inside the stages, so `--help` is instant.
+command's frozen dataclass config. Startup imports only the standard library, tyro, the config module and
+`rundir` (standard library): jax and the packages are imported inside the stages, so `--help` is instant.
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ from ponderttt.train.config import (
     preset,
     to_dict,
 )
+from ponderttt.train.rundir import DiskFull
 
 PROG = "uv run apps/train"
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3  # a training stage's loss or parameters went non-finite (nothing poisoned was saved)
+EXIT_DISK_FULL = 4  # a write failed for want of space (or quota, or a read-only disk); the last checkpoint is intact
 
 SUMMARIES = {
     "pipeline": "the whole workflow on the embedded default: data, backbone, adapter, gates, compare, report",
@@ -208,8 +210,9 @@ def config_record(command: str, preset_name: str, config: object) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: answers --help / --version, else parses `argv` (default: sys.argv[1:]) and runs the command.
 
-    Returns the exit status: the command's, 2 (`EXIT_USAGE`) after printing a ConfigError, or 3 (`EXIT_DIVERGED`) after
-    a training stage went non-finite (`TrainingDiverged`), each as one line on stderr."""
+    Returns the exit status: the command's, 2 (`EXIT_USAGE`) after printing a ConfigError, 3 (`EXIT_DIVERGED`) after
+    a training stage went non-finite (`TrainingDiverged`), or 4 (`EXIT_DISK_FULL`) after a write failed for want of
+    space (`rundir.DiskFull`), each as one line on stderr."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("-h", "--help"):
         print(top_level_help())
@@ -233,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_DIVERGED
+    except DiskFull as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_DISK_FULL
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The `compare` and `analyze` stages: the held-out passes, every method under the configured protocols, the
 paired UPDATE_1-vs-SKIP comparison and the signal analysis, written as results.json / report.md / plots and
-signals.json / signals.md.
+signals.json / signals.md. results.json's `data` section and report.md's "Data" table give the corpus read: files
+and skipped entries per split (`corpus.summary`).
 
 Thresholds are calibrated on the validation split's SKIP-pass signals, never on the test chunks; the carry
 protocol runs where the model's adapter sites allow it (`carry.CarryUnsupported` otherwise, reported).
@@ -22,7 +23,7 @@ from ponderttt.train.compare import HeldOut
 from ponderttt.train.config import ConfigError
 from ponderttt.train.distributed import say
 from ponderttt.train.provenance import provenance
-from ponderttt.train.rundir import RunDir
+from ponderttt.train.rundir import RunDir, disk_errors
 
 
 def run_compare(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, command: str,
@@ -80,8 +81,10 @@ def run_compare(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any, c
     signal_rows, columns = analyze_signals(config, held)
     if jax.process_index() == 0:
         say("compare: writing results.json, report.md and the plots")
-        written = write_report(run_dir.root, records, run=run_info, cost_table=costs, comparisons=comparisons,
-                               signals=signal_rows, signal_samples=columns, signal_names=tuple(held.signals))
+        with disk_errors(run_dir.root):
+            written = write_report(run_dir.root, records, run=run_info, cost_table=costs, comparisons=comparisons,
+                                   signals=signal_rows, signal_samples=columns, signal_names=tuple(held.signals),
+                                   data=corpus.summary(data))
         say(f"compare: {len(records)} results ({' and '.join(protocols)} protocols); wrote "
             + ", ".join(str(p) for p in written.values()))
     if headline:
@@ -101,8 +104,9 @@ def run_analyze(config: Any, run_dir: RunDir, mesh: Any, tok: Any, model: Any) -
                           "available: recon_loss, entropy, confidence, ttt_improvement")
     rows, _ = analyze_signals(config, held)
     if jax.process_index() == 0:
-        (run_dir.root / "signals.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
-        (run_dir.root / "signals.md").write_text(render_signals_markdown(rows))
+        with disk_errors(run_dir.root):
+            (run_dir.root / "signals.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
+            (run_dir.root / "signals.md").write_text(render_signals_markdown(rows))
         say(f"analyze: wrote {run_dir.root / 'signals.md'} and signals.json")
 
 

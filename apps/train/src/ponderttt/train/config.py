@@ -88,6 +88,9 @@ class RunConfig:
     """Steps between held-out evaluations during training."""
     progress: bool = True
     """Show progress bars (tokens/s and ETA) on stderr."""
+    preflight: bool = True
+    """Before any model is built, check that each stage's estimated peak memory fits this machine (ponderttt.train.
+    preflight); --no-preflight skips the check."""
 
     def __post_init__(self) -> None:
         _require(self.keep_checkpoints >= 1, f"--keep-checkpoints={self.keep_checkpoints} must be at least 1")

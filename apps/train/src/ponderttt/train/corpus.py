@@ -27,9 +27,10 @@ from ponderttt.data import (
 )
 from ponderttt.train.config import ConfigError, DataConfig
 from ponderttt.train.distributed import process_rows, say
-from ponderttt.train.rundir import CACHE_DIR
+from ponderttt.train.rundir import CACHE_DIR, disk_errors
 
 HELD_OUT_SHARE = 8  # with --data.max-files N, each held-out split keeps max(4, N // 8) files
+SPLITS = ("train", "val", "test")
 
 
 class Subset:
@@ -57,31 +58,63 @@ def split_config(data: DataConfig) -> Any:
     return SplitConfig(val_fraction=data.val_fraction, test_fraction=data.test_fraction)
 
 
-def source(data: DataConfig, split: str) -> Any:
-    """The files of `split` ("train", "val", "test") of the configured corpus."""
+def listing(data: DataConfig, split: str) -> Any:
+    """Every readable file of `split` ("train", "val", "test") of the configured corpus (before --data.max-files);
+    its `skipped` counts the entries left out unopened, per reason."""
     if data.corpus == "stdlib":
-        files = stdlib_source(split, split_config=split_config(data))
-    else:
-        root = pathlib.Path(data.corpus)
-        if not root.is_dir():
-            raise ConfigError(f"--data.corpus={data.corpus}: not 'stdlib' and not a directory of source files")
-        files = FileTreeSource(root, split=split, split_config=split_config(data))
-        if files.skipped:  # never opened: broken or looping symlinks, FIFOs, sockets, devices, unreadable files
-            counts = ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in sorted(files.skipped.items()))
-            say(f"corpus: {split} split of {root}: skipped {sum(files.skipped.values())} entries ({counts})")
+        return stdlib_source(split, split_config=split_config(data))
+    root = pathlib.Path(data.corpus)
+    if not root.is_dir():
+        raise ConfigError(f"--data.corpus={data.corpus}: not 'stdlib' and not a directory of source files")
+    return FileTreeSource(root, split=split, split_config=split_config(data))
+
+
+def describe_skipped(skipped: dict[str, int]) -> str:
+    """'1 broken symlink, 2 not regular file' (reasons sorted), or 'none'."""
+    return ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in sorted(skipped.items())) or "none"
+
+
+def _file_limit(data: DataConfig, split: str) -> int | None:
+    if data.max_files is None:
+        return None
+    return data.max_files if split == "train" else max(4, data.max_files // HELD_OUT_SHARE)
+
+
+def source(data: DataConfig, split: str) -> Any:
+    """The files of `split` ("train", "val", "test") of the configured corpus, at most --data.max-files of them (an
+    eighth of it for a held-out split); logs the entries the listing skipped."""
+    files = listing(data, split)
+    if files.skipped:  # never opened: broken or looping symlinks, FIFOs, sockets, devices, unreadable files
+        say(f"corpus: {split} split of {files.root}: skipped {sum(files.skipped.values())} entries "
+            f"({describe_skipped(files.skipped)})")
     if len(files) == 0:
         raise ConfigError(f"--data.corpus={data.corpus}: the {split} split has no files; use a larger corpus or "
                           f"raise --data.{'val' if split == 'val' else 'test'}-fraction")
-    if data.max_files is not None:
-        limit = data.max_files if split == "train" else max(4, data.max_files // HELD_OUT_SHARE)
+    if (limit := _file_limit(data, split)) is not None:
         files = Subset(files, limit)
     return files
 
 
+def summary(data: DataConfig) -> dict[str, Any]:
+    """The corpus as the run read it, for results.json's `data` section: {"corpus": --data.corpus, "skipped": total,
+    "splits": {split: {"files": readable files, "used": those read (--data.max-files), "skipped": {reason: count}}}}.
+    Lists each split again (no log line)."""
+    splits = {}
+    for split in SPLITS:
+        files = listing(data, split)
+        limit = _file_limit(data, split)
+        splits[split] = {"files": len(files), "used": len(files) if limit is None else len(Subset(files, limit)),
+                         "skipped": dict(sorted(files.skipped.items()))}
+    return {"corpus": data.corpus, "skipped": sum(sum(s["skipped"].values()) for s in splits.values()),
+            "splits": splits}
+
+
 def tokenizer(data: DataConfig, output_dir: str | pathlib.Path) -> Any:
-    """The byte-level BPE trained on the training split, cached under `<output_dir>/cache/tokenizers/`."""
-    return train_bpe_on_source(source(data, "train"), BPEConfig(vocab_size=data.vocab_size),
-                               cache_dir=pathlib.Path(output_dir) / CACHE_DIR)
+    """The byte-level BPE trained on the training split, cached under `<output_dir>/cache/tokenizers/` (DiskFull when
+    the cache cannot be written)."""
+    cache = pathlib.Path(output_dir) / CACHE_DIR
+    with disk_errors(cache / "tokenizers"):
+        return train_bpe_on_source(source(data, "train"), BPEConfig(vocab_size=data.vocab_size), cache_dir=cache)
 
 
 def pipeline_config(data: DataConfig, *, seed: int, forever: bool, shuffle: bool, batch_size: int,

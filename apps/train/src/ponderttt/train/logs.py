@@ -11,6 +11,8 @@ import logging
 import pathlib
 import sys
 
+from ponderttt.train.rundir import disk_errno
+
 LOG = logging.getLogger("ponderttt.train")
 FORMAT = logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
 RUN_LOG = "run.log"
@@ -31,6 +33,15 @@ class _Stdout(logging.StreamHandler):
         pass
 
 
+class _RunLogFile(logging.FileHandler):
+    """run.log. A line it cannot write for want of space is dropped without logging's traceback: the console still
+    shows it, and the run's next write to the full disk raises `DiskFull`, its one error line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if disk_errno(sys.exc_info()[1]) is None:
+            super().handleError(record)
+
+
 def _configure() -> None:
     if not any(isinstance(h, _Stdout) for h in LOG.handlers):
         console = _Stdout()
@@ -47,7 +58,7 @@ def attach_run_log(run_dir: str | pathlib.Path) -> pathlib.Path:
         LOG.removeHandler(handler)
         handler.close()
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler = _RunLogFile(path, mode="a", encoding="utf-8")
     handler.setFormatter(FORMAT)
     LOG.addHandler(handler)
     return path

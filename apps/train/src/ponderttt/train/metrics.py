@@ -7,6 +7,7 @@ resumed run's metrics equal an uninterrupted run's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pathlib
@@ -17,6 +18,8 @@ from typing import Any
 
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
+
+from ponderttt.train.rundir import DiskFull, disk_errors
 
 # fields of a metrics record that depend on the clock (a resumed run reproduces every other field bit-identically)
 CLOCK_KEYS = ("time", "step_time_s")
@@ -71,12 +74,14 @@ class MetricsLogger:
         self._writer = None
         if not enabled:
             return
-        self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
-        truncate_jsonl(self.jsonl_path, stage, start_step)
-        self._file = self.jsonl_path.open("a")
+        with disk_errors(self.jsonl_path):  # no space (or a read-only disk): one DiskFull naming the file
+            self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+            truncate_jsonl(self.jsonl_path, stage, start_step)
+            self._file = self.jsonl_path.open("a")
         if tensorboard_dir is not None:
             # purge_step makes TensorBoard drop events at or after it that a killed run left behind.
-            self._writer = SummaryWriter(str(tensorboard_dir), purge_step=start_step + 1 if start_step else None)
+            with disk_errors(tensorboard_dir):
+                self._writer = SummaryWriter(str(tensorboard_dir), purge_step=start_step + 1 if start_step else None)
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
         """Writes one record; returns it. Non-finite values are written as null in JSON."""
@@ -85,20 +90,25 @@ class MetricsLogger:
         record.update({k: (v if math.isfinite(v) else None) for k, v in values.items()})
         if not self.enabled:
             return record
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        with disk_errors(self.jsonl_path):
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
         if self._writer is not None:
             for name, value in values.items():
                 self._writer.add_scalar(f"{self.stage}/{name}", value, int(step))
         return record
 
     def close(self) -> None:
-        """Closes metrics.jsonl and the TensorBoard writer (no-op when disabled)."""
+        """Closes metrics.jsonl and the TensorBoard writer (no-op when disabled). A full disk is not raised here (every
+        line was flushed when logged, and a failure already on its way, e.g. a checkpoint's DiskFull, must stay the one
+        reported); TensorBoard's events not yet flushed are then lost."""
         if not self.enabled:
             return
-        self._file.close()
+        with contextlib.suppress(DiskFull), disk_errors(self.jsonl_path):
+            self._file.close()
         if self._writer is not None:
-            self._writer.close()
+            with contextlib.suppress(DiskFull), disk_errors(self.jsonl_path.parent):
+                self._writer.close()
 
     def __enter__(self) -> MetricsLogger:
         return self

@@ -10,17 +10,28 @@ Layout of one run::
       results.json, report.md, plots/*.png    written by the compare / analyze / report stages
     outputs/cache/<kind>-<hash>/              tokenizer and backbone, keyed by the hash of their config
 
+A write that fails for want of space (`DISK_ERRNOS`: no space left, quota exceeded, read-only or not writable file
+system) is raised as one `DiskFull` naming the file (`disk_errors`), which the command line prints as one line and
+exits with status 4; what background threads report of it on their own is dropped (`BACKGROUND_REPORTS`).
+
 Standard library only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import errno
 import hashlib
 import json
+import logging
 import os
 import pathlib
+import re
+import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from ponderttt.train.config import ConfigError, RunConfig, to_dict
@@ -28,11 +39,120 @@ from ponderttt.train.config import ConfigError, RunConfig, to_dict
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CACHE_DIR = "cache"
+# Why a write can fail that the user fixes on the file system, not in the code: no space left, quota exceeded, a
+# read-only file system, no permission to write.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+# An errno inside an error's text: Python's "[Errno 28] ..." and TensorStore's "... [os_error_code='28']" (Orbax's
+# array writer raises ValueError with TensorStore's message)
+ERRNO_IN_TEXT = re.compile(r"\[Errno (\d+)\]|os_error_code='(\d+)'")
+
+
+class DiskFull(OSError):
+    """A write of the run failed for a reason in `DISK_ERRNOS`. Its message is one line: what happened, the file (and
+    step) being written and, for a checkpoint, the last complete step, which stays readable. Exit status 4. Creating
+    one marks the run as stopping (`BACKGROUND_REPORTS`), so later background error reports are dropped."""
+
+    def __init__(self, code: int, path: str | os.PathLike, *, step: int | None = None,
+                 checkpoints: pathlib.Path | None = None, last_step: int | None = None) -> None:
+        message = f"{os.strerror(code).lower()} while writing {path}" + ("" if step is None else f" (step {step})")
+        if checkpoints is None:
+            message += "; free some space (or choose another --output-dir) and run the command again"
+        elif last_step is None:
+            message += f"; no checkpoint was completed in {checkpoints}"
+        else:
+            message += (f"; the last complete checkpoint is step {last_step} in {checkpoints} (free some space, then "
+                        "--resume continues from it)")
+        super().__init__(code, message)
+        BACKGROUND_REPORTS.stopping = True
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def disk_errno(error: BaseException | None) -> int | None:
+    """The `DISK_ERRNOS` code behind `error` (an OSError, or an errno named in its text), searching its causes and
+    the errors it groups; None when it is another failure."""
+    stack, seen = [error], set()
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_ERRNOS:
+            return current.errno
+        if (code := text_errno(str(current))) is not None:
+            return code
+        stack += [current.__cause__, current.__context__, *getattr(current, "exceptions", ())]
+    return None
+
+
+def text_errno(text: str) -> int | None:
+    """The first `DISK_ERRNOS` code a message names (`ERRNO_IN_TEXT`), else None."""
+    for match in ERRNO_IN_TEXT.finditer(text):
+        code = int(match.group(1) or match.group(2))
+        if code in DISK_ERRNOS:
+            return code
+    return None
+
+
+class BackgroundReports(logging.Filter):
+    """Background threads report a full disk on their own, each with a traceback (Orbax's save threads through the
+    "absl" logger, asyncio's loops through "asyncio", TensorBoard's writer thread through `threading.excepthook` and
+    its exit hook as an unraisable exception, TensorStore's callbacks into a stopped loop as "Event loop is closed");
+    the run reports it once, as `DiskFull` (the next write of the main thread to the full disk raises it).
+    Installed once (`install`): drops those reports of a disk failure and, once a DiskFull has been raised
+    (`stopping`), every error record of those loggers. Any other report goes where it went before."""
+
+    LOGGERS = ("absl", "asyncio")
+    stopping = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.stopping and record.levelno >= logging.ERROR:
+            return False
+        error = record.exc_info[1] if record.exc_info else None
+        return disk_errno(error) is None and text_errno(record.getMessage()) is None
+
+    def install(self) -> None:
+        """Adds the filter to `LOGGERS` and wraps the unraisable-exception and thread-exception hooks."""
+        for name in self.LOGGERS:
+            logging.getLogger(name).addFilter(self)
+        unraisable, thread_hook = sys.unraisablehook, threading.excepthook
+
+        def on_unraisable(report: Any) -> None:  # also the failures of exit hooks (TensorBoard's last flush)
+            closed_loop = isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == "Event loop is closed"
+            if not closed_loop and disk_errno(report.exc_value) is None:
+                unraisable(report)
+
+        def on_thread_exception(args: Any) -> None:
+            if disk_errno(args.exc_value) is None:
+                thread_hook(args)
+
+        sys.unraisablehook, threading.excepthook = on_unraisable, on_thread_exception
+
+
+BACKGROUND_REPORTS = BackgroundReports()
+BACKGROUND_REPORTS.install()
+
+
+@contextlib.contextmanager
+def disk_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Raises a failed write under the block as one `DiskFull` naming the file (the error's own, else `path`) when
+    `disk_errno` finds a disk reason; other errors pass unchanged."""
+    try:
+        yield
+    except DiskFull:
+        raise
+    except Exception as error:
+        code = disk_errno(error)
+        if code is None:
+            raise
+        raise DiskFull(code, getattr(error, "filename", None) or path) from None
 
 
 # Fields of a command config that do not change what a run computes: `config_hash` leaves them out, so the
-# `--resume` of a run, every process of a multi-process run, and a run without progress bars hash alike.
-NOT_HASHED = {"run": ("output_dir", "name", "resume", "progress"), "platform": ("process_id", "coordinator_address")}
+# `--resume` of a run, every process of a multi-process run, and a run without progress bars or memory check hash alike.
+NOT_HASHED = {"run": ("output_dir", "name", "resume", "progress", "preflight"),
+              "platform": ("process_id", "coordinator_address")}
 
 
 def _hashed(config: Any) -> Any:
@@ -116,10 +236,12 @@ class RunDir:
                      file: pathlib.Path | None = None) -> None:
         """Creates the directory and writes `file` (default config.json): {command, preset, hash (`config_hash`),
         config, provenance (code, library and device versions: `ponderttt.train.provenance`)}."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        file = file or self.config_file
         record = {"command": command, "preset": preset, "hash": config_hash(config), "config": to_dict(config),
                   "provenance": provenance}
-        (file or self.config_file).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        with disk_errors(file):
+            self.root.mkdir(parents=True, exist_ok=True)
+            file.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def stamp(now: datetime.datetime | None = None) -> str:

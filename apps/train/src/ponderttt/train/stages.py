@@ -1,4 +1,5 @@
-"""The commands: check what a command needs on disk, then run its stages (`RUNNERS`, one per command).
+"""The commands: check what a command needs on disk, then run its stages (`RUNNERS`, one per command); each
+command's memory pre-flight (`preflight`) runs once the process has joined the run, before any model is built.
 
 Imported only once the command line is parsed (`cli.main`), so `--help` stays free of jax.
 """
@@ -9,13 +10,14 @@ import dataclasses
 import json
 import os
 import pathlib
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import jax
 
 from ponderttt.data import load_tokenizer
-from ponderttt.train import adapter, aggregate, backbone, corpus, distributed, evaluate, gates
+from ponderttt.train import adapter, aggregate, backbone, corpus, distributed, evaluate, gates, preflight
 from ponderttt.train.comparison import run_analyze, run_compare
 from ponderttt.train.config import (
     LATER_STAGES,
@@ -29,8 +31,10 @@ from ponderttt.train.distributed import say
 from ponderttt.train.logs import attach_run_log
 from ponderttt.train.provenance import provenance
 from ponderttt.train.rundir import (
+    DISK_ERRNOS,
     RunDir,
     config_hash,
+    disk_errors,
     require_backbone_dir,
     require_writable_dir,
     resolve_run_dir,
@@ -79,14 +83,32 @@ def check_prerequisites(command: str, preset: str, config: Any) -> None:
 _JOINED: list[Any] = []  # the platform config this process joined with (reproduce starts several runs)
 
 
-def start(command: str, preset: str, config: Any) -> tuple[RunDir, Any]:
-    """Joins the distributed run, builds the mesh, and prepares the run directory; returns (run_dir, mesh)."""
+def join(config: Any) -> None:
+    """Joins the distributed run (once per process) and turns on the persistent compilation cache."""
     if not _JOINED:
         distributed.initialize(config.platform)
         _JOINED.append(config.platform)
         if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # compiled programs persist: later runs start faster
             jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(config.run.output_dir) / "cache" / "jax"))
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+        # on a full disk the cache only loses entries: jax's warning for each is dropped (the run's own next write
+        # raises the one DiskFull)
+        warnings.filterwarnings("ignore", message=r"Error writing persistent compilation cache entry .*\[Errno "
+                                f"({'|'.join(str(code) for code in DISK_ERRNOS)})\\]")
+
+
+def check_memory(command: str, config: Any) -> None:
+    """The memory pre-flight of `command` (`preflight.check`: ConfigError when a stage cannot fit), unless
+    --no-preflight; after `join`, before any model is built."""
+    if config.run.preflight:
+        preflight.check(command, config)
+
+
+def start(command: str, preset: str, config: Any) -> tuple[RunDir, Any]:
+    """Joins the distributed run, checks the memory the command needs, builds the mesh, and prepares the run
+    directory; returns (run_dir, mesh)."""
+    join(config)
+    check_memory(command, config)
     mesh = distributed.make_mesh(config.platform.mesh)
     run_dir = resolve_run_dir(config.run, command, preset)
     # the run keeps the config it was made with; a later command's config goes beside it
@@ -112,7 +134,10 @@ def run_pretrain(command: str, preset: str, config: Any) -> tuple[RunDir, pathli
 def _tokenizer(config: Any) -> Any:
     """The in-house BPE (trained on the corpus, cached) or, with --backbone.path, the backbone's own tokenizer."""
     if config.backbone.path is not None:
-        tok = load_tokenizer(config.backbone.path)
+        try:
+            tok = load_tokenizer(config.backbone.path)
+        except ValueError as err:  # a malformed tokenizer.json: one line, before any work
+            raise ConfigError(f"--backbone.path: {err}") from err
     else:
         tok = corpus.tokenizer(config.data, config.run.output_dir)
     say(f"tokenizer: {tok.name} (vocabulary {tok.vocab_size})")
@@ -187,6 +212,8 @@ def run_reproduce(command: str, preset: str, config: Any) -> pathlib.Path:
     """For each scale: the whole pipeline on backbone_root/<checkpoint>, in run <name>-<scale>; then the
     published tables across scales in run <name> (scaling.md, scaling.json). Returns scaling.md."""
     base = config.run.name or f"reproduce-{preset}-{stamp()}"
+    join(config)
+    check_memory(command, config)  # every scale, before the first one trains
     per_scale = {}
     for scale in config.scales:
         backbone = BackboneConfig(path=str(pathlib.Path(config.backbone_root) / SCALE_DIRS[scale]))
@@ -239,7 +266,10 @@ RUNNERS: dict[str, Callable[[str, str, Any], Any]] = {
 
 
 def run_command(command: str, preset: str, config: Any) -> int:
-    """Runs `command` with its parsed config: checks what it needs on disk, then its runner; returns 0."""
+    """Runs `command` with its parsed config: checks what it needs on disk, then its runner; returns 0. A write that
+    fails for want of space is one `DiskFull` (the writes that know their step and checkpoint raise their own; any
+    other names the file the error names, else --output-dir)."""
     check_prerequisites(command, preset, config)
-    RUNNERS[command](command, preset, config)
+    with disk_errors(config.run.output_dir):
+        RUNNERS[command](command, preset, config)
     return 0
