@@ -15,6 +15,20 @@ import pytest
 
 # Tests run on the CPU; quiet the accelerator probing on machines without one.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the whole suite: the xdist workers and every app process a test starts
+# (they inherit the variable) compile an identical program once; keyed by the program, jax and flags, so stale
+# entries are never used. Set JAX_COMPILATION_CACHE_DIR yourself to put it elsewhere.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".pytest_cache", "jax")
+)
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files with a test marked slow run first (their order, and the order inside each file, kept): with the
+    workers taking whole files (`--dist loadfile`), the long pipeline tests start at once instead of ending the
+    run alone on one worker."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
 
 try:  # every package's dev group has hypothesis; this file must not require it
     from hypothesis import settings as _hypothesis_settings
