@@ -62,9 +62,10 @@ TTT_WIDTHS = 12
 outputs, the reconstruction loss terms)."""
 FAST_COPIES = 4
 """Copies of the fast weights per mini-batch and inner step that the differentiated scan keeps."""
-HIDDEN_COPIES = 190
+HIDDEN_COPIES = 95
 """Copies of TTT-MLP's hidden values [mini-batch, heads x mlp_expansion x head_dim] per mini-batch that the
-differentiated scan keeps (fitted to XLA's buffer assignment on CPU: 160 to 216 over widths 128-256 and 4-8 heads)."""
+differentiated scan keeps (fitted to XLA's buffer assignment on CPU: about 80 to 110 over widths 128-256 and 4-8
+heads; tests/test_preflight.py checks one configuration against XLA's buffers)."""
 GiB = 1024**3
 STAGES = {  # what each command runs, in order (pretrain only for the in-house backbone)
     "pretrain": ("pretrain",),
