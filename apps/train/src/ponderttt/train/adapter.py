@@ -22,7 +22,7 @@ from ponderttt.train import corpus, distributed
 from ponderttt.train.backbone import EVAL_BATCHES, lm_loss
 from ponderttt.train.checkpoint import Checkpointer, has_checkpoint
 from ponderttt.train.config import AdapterConfig, DataConfig, RunConfig
-from ponderttt.train.loop import train_loop
+from ponderttt.train.loop import LoopResult, train_loop
 from ponderttt.train.optim import make_optimizer
 from ponderttt.train.rundir import RunDir
 from ponderttt.ttt import TTTConfig
@@ -69,7 +69,38 @@ def objective(model: Any, batch: dict[str, Any], *, data: DataConfig, adapter: A
                   protocol=adapter.protocol)
     ce = lm_loss(out.logits, batch["targets"], batch["loss_mask"])
     recon = jnp.mean(out.ttt_stats["head"].chunk_loss_step0)
-    return ce + adapter.beta * recon, {"ce": ce, "ttt_loss": recon}
+    return ce + adapter.beta * recon, {"ce": ce, "ttt_loss": recon, "skipped_updates": skipped_updates(out)}
+
+
+def skipped_updates(out: Any) -> Any:
+    """The inner updates of the batch that the adapter skipped as non-finite (int32 scalar; all sites, sequences and
+    mini-batches): a step metric, `skipped_updates` in metrics.jsonl and TensorBoard."""
+    return sum(jnp.sum(stats.skipped_updates) for stats in out.ttt_stats.values())
+
+
+class SkippedUpdates:
+    """Adds up the `skipped_updates` metric of a stage's steps on the devices (no wait per step) and logs the total
+    once, only when it is not zero: "adapter: N inner updates were skipped as non-finite (stage S, steps a-b)"."""
+
+    def __init__(self) -> None:
+        self.total: Any = 0
+
+    def counting(self, step_fn: Any) -> Any:
+        """`step_fn` that also adds its metrics' `skipped_updates` (if any) to the total."""
+
+        def step(state: Any, batch: Any) -> Any:
+            state, metrics = step_fn(state, batch)
+            self.total = self.total + metrics.get("skipped_updates", 0)
+            return state, metrics
+
+        return step
+
+    def report(self, stage: str, result: LoopResult) -> None:
+        """Logs the total of the steps this process ran (after a resume: from `result.start_step` on)."""
+        total = int(jax.device_get(self.total))
+        if total:
+            distributed.say(f"adapter: {total} inner updates were skipped as non-finite (stage {stage}, steps "
+                            f"{result.start_step + 1}-{result.final_step})")
 
 
 def export_dir(run_dir: RunDir) -> pathlib.Path:
@@ -127,11 +158,13 @@ def train_adapter(*, run: RunConfig, data: DataConfig, adapter: AdapterConfig, r
         return {k: float(np.mean([p[k] for p in parts])) for k in parts[0]}
 
     stream = iter(corpus.batches(data, tok, "train", seed=run.seed + 1, forever=True))
+    skipped = SkippedUpdates()
     with jax.set_mesh(mesh):
         result = train_loop(stage="ttt", run_dir=run_dir, run=run, state=state,
-                            step_fn=lambda s, b: train_step(s, to_global(b)), batches=stream,
+                            step_fn=skipped.counting(lambda s, b: train_step(s, to_global(b))), batches=stream,
                             total_steps=adapter.train_steps, tokens_per_step=data.batch_size * data.seq_len,
                             eval_fn=evaluate, learning_rate=lambda step: lr_at(step - 1))
+    skipped.report("ttt", result)
     with Checkpointer(export_dir(run_dir), keep=1, async_save=False) as ckpt:
         ckpt.save(adapter.train_steps, {"adapter": result.state["adapter"]}, {"final_metrics": result.last_metrics})
     nnx.update(model, result.state["adapter"])

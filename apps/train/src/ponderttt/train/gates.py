@@ -45,7 +45,7 @@ from ponderttt.gating import (
     roll_gate,
 )
 from ponderttt.train import corpus, distributed
-from ponderttt.train.adapter import BATCH_KEYS, forward
+from ponderttt.train.adapter import BATCH_KEYS, SkippedUpdates, forward, skipped_updates
 from ponderttt.train.backbone import lm_loss
 from ponderttt.train.checkpoint import Checkpointer, data_to_key, has_checkpoint, key_to_data
 from ponderttt.train.config import TRAINABLE_GATES, DataConfig, GateConfig, RunConfig
@@ -122,11 +122,13 @@ def train_gate(name: str, *, run: RunConfig, data: DataConfig, gate: GateConfig,
         return {k: distributed.global_batch(np.asarray(batch[k]), mesh, data.batch_size) for k in BATCH_KEYS}
 
     stream = iter(corpus.batches(data, tok, "train", seed=run.seed + 2, forever=True))
+    skipped = SkippedUpdates()
     with jax.set_mesh(mesh):
         result = train_loop(stage=f"gate_{name}", run_dir=run_dir, run=run, state=state,
-                            step_fn=lambda s, b: step_fn(s, to_global(b)), batches=stream,
+                            step_fn=skipped.counting(lambda s, b: step_fn(s, to_global(b))), batches=stream,
                             total_steps=gate.train_steps, tokens_per_step=data.batch_size * data.seq_len,
                             learning_rate=lambda step: lr_at((step - 1) * updates_per_step))
+    skipped.report(f"gate_{name}", result)
     trained = result.state["ppo"].params if name == "ppo" else result.state["gate"]
     with Checkpointer(export_dir(run_dir, name), keep=1, async_save=False) as ckpt:
         ckpt.save(gate.train_steps, {"gate": trained}, {"budget": gate.budget, "final_metrics": result.last_metrics})
@@ -151,12 +153,13 @@ def _differentiable_trainer(name: str, graphdef: Any, params: Any, rest: Any, *,
         gated = forward(m, batch, chunk_size=data.chunk_size, num_steps=1, gating_scale=lam, protocol="reset")
         ce = lm_loss(gated.logits, batch["targets"], batch["loss_mask"])
         spend = jnp.mean(lam)  # update-equivalents (published costs are linear in λ)
+        skips = skipped_updates(gated)
         if name == "continuous":
             ttt = gated.ttt_stats["head"].chunk_loss_after[..., -1]
             loss, parts = continuous_gate_loss(ce, ttt, lam, beta=beta, gamma=multiplier)
             return loss, {"ce": ce, "ttt_loss": parts["ttt"], "mean_scale": spend,
-                          "update_rate": jnp.mean((lam > 0).astype(jnp.float32))}
-        return ce + multiplier * spend, {"ce": ce, "update_rate": spend}
+                          "update_rate": jnp.mean((lam > 0).astype(jnp.float32)), "skipped_updates": skips}
+        return ce + multiplier * spend, {"ce": ce, "update_rate": spend, "skipped_updates": skips}
 
     @jax.jit
     def train_step(state: dict[str, Any], batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

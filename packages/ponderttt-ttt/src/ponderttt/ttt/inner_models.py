@@ -1,6 +1,7 @@
 """The inner models of the three layers: TTT-Linear and LoRA-TTT (each a `FusedInnerModel`, with a fused scan
 body for calls without resets) and TTT-MLP (an `InnerModel`, generic body). The maths of the scans and of the
-protocols is in `inner.py`."""
+protocols is in `inner.py`. Each model is a registered pytree (its arrays are leaves), so that the scans can take
+it as an argument of their custom backward pass."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ class _LayerNormInner(abc.ABC):
 
     ln_weight: jax.Array  # [h, 1, d]
     ln_bias: jax.Array  # [h, 1, d]
-    eps: float
+    eps: float = dataclasses.field(metadata={"static": True})
     has_bias: ClassVar[bool] = True
 
     @abc.abstractmethod
@@ -103,6 +104,7 @@ class LinearAux:
     dz: jax.Array  # [B, h, K, d] the (clipped) per-token gradients G = dℓ/dz
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LinearInner(_LayerNormInner):
     """TTT-Linear: z = kW + b, loss ½‖LN(z) − (v − k)‖², output q + LN(z̄). Fast weights W1 [B, h, d, d],
@@ -165,6 +167,11 @@ class LinearInner(_LayerNormInner):
         new = packed - jnp.einsum("bhja,bhjd->bhad", x.k_aug, dz)
         return new, LinearAux(zq=zq, zk=zk, dz=dz)
 
+    def fused_loss_after(self, aux: LinearAux) -> None:
+        """None: the loss after the step is computed after the scan (its LayerNorm keeps it finite whenever the new
+        weights are, barring an overflow of kW + b)."""
+        return None
+
     def fused_outputs(self, xs: InnerInputs, aux: LinearAux) -> tuple[jax.Array, jax.Array]:
         """(z̄, the no-update output qW + b) for all mini-batches [M, B, h, K, d]."""
         return aux.zq - jnp.einsum("mbhij,mbhjd->mbhid", xs.a_qk, aux.dz), aux.zq
@@ -178,6 +185,7 @@ class LinearInner(_LayerNormInner):
         return self.loss(zk, xs.k, xs.v), self.loss(z_after, xs.k, xs.v)
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class MLPInner(_LayerNormInner):
     """TTT-MLP: z = gelu_tanh(kW1 + b1) W2 + b2 (d -> 4d -> d), same loss and output as TTT-Linear. A plain
@@ -232,6 +240,7 @@ class LoRAAux:
     err_sq_after: jax.Array  # [B, 1, K] per-token loss after the step
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LoRAInner:
     """LoRA-TTT: z = k P + (k A) B with P frozen; loss ½‖z − v‖²; output the delta (q A) B only.
@@ -316,6 +325,10 @@ class LoRAInner:
         }
         err_sq_after = self.loss(extra + _mm(_mm(k, new["A"]), new["B"]), k, v)
         return new, LoRAAux(zbar=zbar, no_update=_mm(h_q0, b), err_sq=err_sq, err_sq_after=err_sq_after)
+
+    def fused_loss_after(self, aux: LoRAAux) -> jax.Array:
+        """The per-token loss after the step, computed in the scan: finite weights can still overflow (k A) B."""
+        return aux.err_sq_after
 
     def fused_outputs(self, xs: InnerInputs, aux: LoRAAux) -> tuple[jax.Array, jax.Array]:
         """(z̄, the no-update output) as computed in the scan."""

@@ -73,6 +73,15 @@ def expand_gating_scale(
     )
 
 
+def _gated_token_lr(lr_bht: jax.Array, lam_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The primal form's per-token learning rates r_j · λ [B, h, T], and [B, T] True where that product is not
+    finite for a non-zero λ (the update is skipped). Such a product is 0, from factors zeroed before it: the
+    backward pass of r · ∞ would give r the cotangent 0 · ∞ = NaN (the double where)."""
+    finite = jnp.isfinite(jnp.max(jnp.abs(lr_bht), axis=1) * jnp.abs(lam_bt))  # [B, T]
+    lr = jnp.where(jnp.isfinite(lr_bht), lr_bht, 0.0) * jnp.where(finite, lam_bt, 0.0)[:, None, :]
+    return lr, ~finite & (lam_bt != 0)
+
+
 def _per_chunk(loss_bm: jax.Array, tokens_m: jax.Array, mb_per_chunk: int, num_chunks: int) -> jax.Array:
     """Token-weighted mean of per-mini-batch losses [B, M, ...] over each chunk -> [B, N, ...]."""
     num_mb = loss_bm.shape[1]
@@ -137,12 +146,19 @@ def run_dual(
     valid_np = (np.arange(padded) < seq).reshape(num_mb, mbs)
     valid = jnp.asarray(valid_np, ftype)  # [M, K]
     tokens_m = valid_np.sum(axis=1).astype(np.int32)
-    active = (lam.T != 0) & jnp.asarray(tokens_m > 0)[:, None]  # [M, B]
 
     lr_mb = jnp.pad(lr, ((0, 0), (0, 0), (0, padded - seq))).reshape(batch, heads, num_mb, mbs).transpose(2, 0, 1, 3)
     tril = jnp.asarray(np.tril(np.ones((mbs, mbs))), ftype)
-    # η[m, b, h, i, j] = s_i · r_j · λ[b, m] on j <= i (and, with resets, i and j in the same document).
-    eta = token_scale[:, None] * lr_mb[..., None, :] * tril * lam.T[:, :, None, None, None]
+    # η[m, b, h, i, j] = s_i · r_j · λ[b, m] on j <= i (and, with resets, i and j in the same document). A mini-batch
+    # whose η is not finite (λ or base_lr infinite, or the product overflowing: the bound below is) gets η = 0 and
+    # its update is counted as skipped. The factors are zeroed before the product, not the product after it: the
+    # backward pass of s · r · ∞ would give r and s the cotangent 0 · ∞ = NaN (the double where).
+    eta_ok = jnp.isfinite(jnp.max(jnp.abs(token_scale)) * jnp.max(jnp.abs(lr_mb), axis=(2, 3)) * jnp.abs(lam.T))
+    finite_or_0 = lambda a: jnp.where(jnp.isfinite(a), a, 0.0)
+    lam_mb = jnp.where(eta_ok, lam.T, 0.0)  # [M, B]
+    eta = finite_or_0(token_scale)[:, None] * finite_or_0(lr_mb)[..., None, :] * tril * lam_mb[:, :, None, None, None]
+    asked = (lam.T != 0) & jnp.asarray(tokens_m > 0)[:, None]  # [M, B] an update is asked for
+    skipped_eta = jnp.sum((asked & ~eta_ok).astype(jnp.int32), axis=0)  # [B]; the scan counts the others
     seen = None
     if reset_mask is not None:
         reset = jnp.pad(jnp.asarray(reset_mask, bool), ((0, 0), (0, padded - seq)))
@@ -168,7 +184,7 @@ def run_dual(
         eta=eta,
         eta_last=eta_last,
         a_qk=a_qk,
-        active=active,
+        active=asked & eta_ok,
         valid=valid,
         extra=extra_mb,
         seen=seen,
@@ -183,6 +199,7 @@ def run_dual(
         grad_clip=cfg.inner_grad_clip,
         remat_group=cfg.remat_group,
     )
+    skipped = skipped + skipped_eta
     out = model.output(q_mb, ys.zbar)  # [M, B, h, K, d]
     out = out.transpose(1, 0, 3, 2, 4).reshape(batch, padded, heads, dim)[:, :seq]
 
@@ -325,12 +342,14 @@ class _FastWeightLayer(nnx.Module):
         mb_per_chunk = cfg.chunk_size // cfg.mini_batch_size
         lam = expand_gating_scale(gating_scale, b, num_mb, -(-t // cfg.chunk_size), mb_per_chunk, q.dtype)
         lam_t = jnp.repeat(lam, cfg.mini_batch_size, axis=1)[:, :t]  # [B, T]
+        lr, lr_bad = _gated_token_lr(views.lr, lam_t)
         tok = lambda a: a.transpose(1, 0, 2, 3)[:, :, :, None, :]  # [B, T, h, d] -> [T, B, h, 1, d]
         toks = {
             "q": tok(q),
             "k": tok(views.k),
             "v": tok(views.v),
-            "lr": (views.lr * lam_t[:, None, :]).transpose(2, 0, 1),
+            "lr": lr.transpose(2, 0, 1),
+            "lr_bad": lr_bad.T,
             "reset": jnp.zeros((t, b), bool) if reset_mask is None else jnp.asarray(reset_mask, bool).T,
         }
         if views.extra is not None:
@@ -377,13 +396,15 @@ class _FastWeightLayer(nnx.Module):
         pos = dstate["pos"]
         views = self._views(x_b1c, pos[None], dstate.get("conv"))
         q = views.q
-        lam = expand_gating_scale(gating_scale, b, 1, 1, 1, q.dtype)[:, 0]
+        lam = expand_gating_scale(gating_scale, b, 1, 1, 1, q.dtype)  # [B, 1]
+        lr, lr_bad = _gated_token_lr(views.lr, lam)
         per_token = lambda a: a.transpose(0, 2, 1, 3)  # [B, 1, h, d] -> [B, h, 1, d]
         tok = {
             "q": per_token(q),
             "k": per_token(views.k),
             "v": per_token(views.v),
-            "lr": views.lr[:, :, 0] * lam[:, None],
+            "lr": lr[:, :, 0],
+            "lr_bad": lr_bad[:, 0],
             "reset": jnp.zeros((b,), bool) if reset is None else jnp.asarray(reset, bool),
         }
         if views.extra is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,7 +79,12 @@ def token_lr(
     head_dim: int,
     dtype: DTypeLike = jnp.float32,
 ) -> jax.Array:
-    """base_lr · σ(x_j·w_h + c_h) / head_dim, [B, h, T] in dtype: the column factor of η."""
+    """base_lr · σ(x_j·w_h + c_h) / head_dim, [B, h, T] in dtype: the column factor of η.
+
+    A non-finite base_lr gives that constant, independent of the parameters (base_lr · σ(…) would give their
+    backward pass 0 · ∞ = NaN); the layers skip and count every update whose η is not finite."""
+    if not math.isfinite(base_lr):
+        return jnp.full((x_btc.shape[0], lr_weight_hc.shape[0], x_btc.shape[1]), base_lr, dtype)
     # x @ wᵀ then a transpose of the small [B, T, h] result (an einsum straight to [B, h, T] transposes x)
     logits = (x_btc.astype(dtype) @ lr_weight_hc.astype(dtype).T).swapaxes(1, 2)
     return base_lr * jax.nn.sigmoid(logits + lr_bias_h.astype(dtype)[None, :, None]) / head_dim
